@@ -1,0 +1,1 @@
+"""Data: the demo data set, row formats, validation, cleaning and splits."""

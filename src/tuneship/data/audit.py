@@ -1,0 +1,285 @@
+"""The audit: token lengths, JSON answer fields, the length histogram and the readable `audit.md`."""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuneship.errors import TuneshipError
+
+MD_LIST_LIMIT = 50  # rows listed per section in audit.md (audit.json lists every bad row)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_for(spec: str):
+    """(tokenizer, identity) for a model spec; an adapter measures with its base model's tokenizer."""
+    from tuneship.models import chat_template_info, load_tokenizer, resolve
+
+    m = resolve(spec)
+    if m.kind == "adapter" and m.base is not None:
+        m = m.base
+    if m.kind == "endpoint":
+        raise TuneshipError(
+            f"--model {spec!r} is an endpoint; token lengths need a local tokenizer (HF dir, bundled, adapter)"
+        )
+    try:
+        if m.kind == "gguf":
+            from transformers import AutoTokenizer
+
+            p = Path(m.path)
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        else:
+            tok = load_tokenizer(m.path)
+    except TuneshipError:
+        raise
+    except Exception as e:
+        raise TuneshipError(
+            f"could not load the tokenizer of {spec!r} ({type(e).__name__}: {e}); pass --model none to skip token lengths"
+        ) from None
+    if not tok.chat_template:
+        raise TuneshipError(
+            f"the tokenizer of {spec!r} has no chat template; pick a chat model or pass --model none"
+        )
+    info = {"spec": spec, "id": (m.identity or {}).get("id", m.path), **chat_template_info(tok)}
+    return tok, info
+
+
+def token_lengths(examples: list[dict], model: str, sample: int, seed: int, batch: int = 2048) -> dict:
+    """Token counts of the full conversations as the model's chat template renders them.
+
+    With `sample` > 0 and more rows than that, a seeded random sample of `sample` rows is measured and the
+    over-max count is scaled up (flagged `sampled: true` in the audit).
+    """
+    tok, info = _tokenizer_for(model)
+    idx = list(range(len(examples)))
+    sampled = 0 < sample < len(examples)
+    if sampled:
+        idx = sorted(random.Random(seed).sample(idx, sample))
+    lengths = np.empty(len(idx), dtype=np.int64)
+    for s in range(0, len(idx), batch):
+        part = idx[s : s + batch]
+        texts = tok.apply_chat_template([examples[i]["messages"] for i in part], tokenize=False)
+        enc = tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        lengths[s : s + len(part)] = [len(e) for e in enc]
+    return {"model": info, "lengths": lengths, "rows": idx, "sampled": sampled}
+
+
+def length_stats(lengths: np.ndarray, max_length: int, n_total: int, sampled: bool) -> dict:
+    if len(lengths) == 0:
+        return {"measured": 0}
+    over = int((lengths > max_length).sum())
+    stats = {
+        "measured": int(len(lengths)),
+        "of": n_total,
+        "sampled": sampled,
+        "p50": int(np.percentile(lengths, 50, method="lower")),
+        "p95": int(np.percentile(lengths, 95, method="lower")),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 1),
+        "total_tokens": int(lengths.sum()) if not sampled else int(round(lengths.mean() * n_total)),
+        "max_length": max_length,
+        "over_max_length": over if not sampled else int(round(over * n_total / len(lengths))),
+    }
+    if sampled:
+        stats["note"] = (
+            f"measured on a seeded sample of {len(lengths)} of {n_total} rows; total_tokens and over_max_length "
+            "are scaled estimates (pass --length-sample 0 to measure every row)"
+        )
+    return stats
+
+
+def histogram_png(lengths: np.ndarray, max_length: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    ax.hist(lengths, bins=min(60, max(10, len(set(lengths.tolist())))), color="#4878a8")
+    for q, style in ((50, ":"), (95, "-.")):
+        v = float(np.percentile(lengths, q))
+        ax.axvline(v, color="#333333", linestyle=style, label=f"p{q} {v:.0f}")
+    if max_length <= lengths.max() * 1.5:
+        ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length {max_length}")
+    else:
+        ax.plot([], [], " ", label=f"max_length {max_length} (off the scale)")
+    ax.set_xlabel("tokens per example (chat template applied)")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def json_field_stats(answers: list[str]) -> dict | None:
+    """Per-field presence and distinct-value counts over answers that are JSON objects (None if there are none)."""
+    present: dict[str, int] = {}
+    distinct: dict[str, set] = {}
+    n_obj = 0
+    for a in answers:
+        s = a.strip()
+        if not s.startswith("{"):
+            continue
+        try:
+            obj = json.loads(s)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        n_obj += 1
+        for k, v in obj.items():
+            present[k] = present.get(k, 0) + 1
+            distinct.setdefault(k, set()).add(json.dumps(v, sort_keys=True, ensure_ascii=False))
+    if not n_obj:
+        return None
+    fields = {
+        k: {"present": present[k], "presence": round(present[k] / n_obj, 4), "distinct": len(distinct[k])}
+        for k in sorted(present, key=lambda k: (-present[k], k))
+    }
+    return {
+        "answers": len(answers),
+        "json_objects": n_obj,
+        "not_json_objects": len(answers) - n_obj,
+        "fields": fields,
+    }
+
+
+def _short(s: Any, n: int = 120) -> str:
+    s = s if isinstance(s, str) else json.dumps(s, ensure_ascii=False)
+    s = " ".join(s.split())
+    s = s if len(s) <= n else s[: n - 1] + "…"
+    return s.replace("|", "\\|")
+
+
+def render_markdown(audit: dict) -> str:
+    """A readable report of the audit dict (audit.json holds everything; this shows the essentials)."""
+    s = audit["summary"]
+    out = ["# Data audit", ""]
+    inputs = ", ".join(f"`{i['path']}` ({i['kind']}, {i['rows']} rows)" for i in audit["inputs"])
+    out.append(f"Inputs: {inputs}")
+    out.append("")
+    out.append(f"**{s['rows_in']} rows in, {s['rows_out']} rows out.** Dataset sha256 `{s['sha256']}`.")
+    out.append("")
+    action = "kept and flagged (--keep-flagged)" if audit["config"]["keep_flagged"] else "removed"
+    out += [
+        "## Removed and flagged",
+        "",
+        f"Duplicates, near-duplicates and contradictions were {action}.",
+        "",
+    ]
+    out += ["| reason | removed | flagged |", "|---|---:|---:|"]
+    for reason, count in s["removed"].items():
+        out.append(f"| {reason} | {count} | {s['flagged'].get(reason, 0)} |")
+    out.append("")
+
+    inv = audit["invalid"]
+    if inv:
+        out += [f"### Invalid rows ({len(inv)})", "", "| where | reason |", "|---|---|"]
+        out += [f"| `{r['where']}` | {_short(r['reason'], 200)} |" for r in inv[:MD_LIST_LIMIT]]
+        if len(inv) > MD_LIST_LIMIT:
+            out.append(f"| … | {len(inv) - MD_LIST_LIMIT} more in audit.json |")
+        out.append("")
+    ex = audit["exact_duplicates"]
+    if ex["count"]:
+        out += [f"### Exact duplicates ({ex['count']})", "", "| row | duplicate of | text |", "|---|---|---|"]
+        out += [f"| `{e['where']}` | `{e['duplicate_of']}` | {_short(e['text'])} |" for e in ex["examples"]]
+        out.append("")
+    nd = audit["near_duplicates"]
+    if nd["count"]:
+        out += [
+            f"### Near-duplicates ({nd['count']} rows in {nd['clusters']} clusters, Jaccard ≥ {nd['threshold']})",
+            "",
+            "| row | kept row | Jaccard | text |",
+            "|---|---|---:|---|",
+        ]
+        for c in nd["examples"]:
+            for m in c["members"]:
+                out.append(
+                    f"| `{m['where']}` | `{c['kept']['where']}` | {m['jaccard']:.3f} | {_short(m['text'])} |"
+                )
+        out.append("")
+    co = audit["contradictions"]
+    if co["count"]:
+        out += [f"### Contradictions ({co['count']} rows in {co['groups']} prompts)", ""]
+        for g in co["examples"]:
+            out.append(f"- prompt: {_short(g['prompt'], 160)}")
+            for a in g["answers"]:
+                out.append(f"  - `{a['where']}` → {_short(a['answer'])}")
+        out.append("")
+
+    out += ["## Splits", "", "| split | rows |", "|---|---:|"]
+    out += [f"| {k} | {v} |" for k, v in s["splits"].items()]
+    out.append("")
+    g = audit["groups"]
+    if g.get("key"):
+        out.append(
+            f"Grouped by `{g['key']}`: {g['groups']} groups, {g['rows_without_key']} rows without the key, "
+            f"{g['leaking_groups']} groups in more than one split."
+        )
+        out.append("")
+    out.append(
+        f"{audit['linked_components']['linked']} rows sit in linked components (groups and kept clusters) that "
+        "were each placed in one split."
+    )
+    out.append("")
+
+    t = audit["tokens"]
+    out += ["## Token lengths", ""]
+    if t.get("measured"):
+        m = t["model"]
+        out.append(
+            f"Model `{m['spec']}` (chat template sha256 `{(m.get('chat_template_sha256') or '')[:12]}`)."
+        )
+        out.append("")
+        out += ["| p50 | p95 | max | mean | over max_length |", "|---:|---:|---:|---:|---:|"]
+        out.append(
+            f"| {t['p50']} | {t['p95']} | {t['max']} | {t['mean']} | {t['over_max_length']} (> {t['max_length']}) |"
+        )
+        out.append("")
+        if t.get("note"):
+            out += [f"Note: {t['note']}.", ""]
+        if audit.get("histogram"):
+            out += [f"![token length histogram]({audit['histogram']})", ""]
+        if t.get("over_examples"):
+            out += ["Longest rows over max_length:", ""]
+            out += [f"- `{e['where']}`: {e['tokens']} tokens" for e in t["over_examples"]]
+            out.append("")
+    else:
+        out += [t.get("note", "not measured"), ""]
+
+    fs = audit.get("json_fields")
+    if fs:
+        out += [
+            "## JSON answers",
+            "",
+            f"{fs['json_objects']} of {fs['answers']} answers are JSON objects.",
+            "",
+            "| field | present | presence | distinct values |",
+            "|---|---:|---:|---:|",
+        ]
+        out += [
+            f"| `{k}` | {v['present']} | {v['presence']:.1%} | {v['distinct']} |"
+            for k, v in fs["fields"].items()
+        ]
+        out.append("")
+    pii = audit.get("pii")
+    if pii is not None:
+        out += [
+            "## PII scan",
+            "",
+            f"{pii['rows']} rows flagged: " + ", ".join(f"{k} {v}" for k, v in pii["counts"].items()),
+            "",
+        ]
+        if pii["examples"]:
+            out += ["| row | kind | match (masked) |", "|---|---|---|"]
+            out += [
+                f"| `{e['where']}` | {e['kind']} | `{e['match']}` |" for e in pii["examples"][:MD_LIST_LIMIT]
+            ]
+            out.append("")
+    return "\n".join(out) + "\n"

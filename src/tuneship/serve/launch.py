@@ -1,0 +1,373 @@
+"""What `tuneship serve` starts, and the supervisor that starts and stops it.
+
+A plan is a list of `LaunchSpec`s (backends first, then the router) plus notes; `--dry-run` prints it.
+The `Supervisor` starts each process in its own process group (so a stop reaches the whole tree, for example a
+vLLM server's workers), waits until each answers its ready path, and on `stop()` sends SIGTERM to every group,
+then SIGKILL to what is still there after a grace period. On Linux, children also get SIGTERM if the
+supervisor itself dies (PR_SET_PDEATHSIG), so no backend outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+from tuneship.progress import log
+from tuneship.serve.backends import LaunchSpec, LoraModule, llamacpp_spec, vllm_spec
+
+DEFAULT_QUANT = "Q4_K_M"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on `host` now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServePlan:
+    target: str
+    kind: str  # gguf | registry | adapter | merged
+    backend: str  # llamacpp | vllm
+    specs: list[LaunchSpec]
+    url: str  # what clients call (the router, or the single server)
+    model: str  # the model name clients send
+    runnable: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "kind": self.kind,
+            "backend": self.backend,
+            "url": self.url,
+            "base_url": self.url + "/v1",
+            "model": self.model,
+            "runnable": self.runnable,
+            "notes": self.notes,
+            "processes": [s.as_dict() for s in self.specs],
+        }
+
+
+def router_spec(
+    name: str,
+    backends: dict[str, tuple[str, str]],
+    host: str,
+    port: int,
+    root: str | None,
+    api_key_env: str | None = None,
+    options: list[str] | tuple[str, ...] = (),
+    python: str | None = None,
+) -> LaunchSpec:
+    """The router as its own process: `python -m tuneship.serve.router --backend NAME:vN=URL#MODEL ...`."""
+    argv = [python or sys.executable, "-m", "tuneship.serve.router"]
+    if root:
+        argv += ["--root", str(root)]
+    for version, (url, model) in backends.items():
+        argv += ["--backend", f"{name}:{version}={url}#{model}"]
+    argv += ["--host", host, "--port", str(port)]
+    if api_key_env:
+        argv += ["--api-key-env", api_key_env]
+    argv += list(options)
+    return LaunchSpec(role="router", label="router", argv=argv, host=host, port=port, ready_path="/ready")
+
+
+def plan_gguf(
+    path: str | Path, host: str, port: int, n_ctx: int = 2048, threads: int | None = None
+) -> ServePlan:
+    p = Path(path)
+    if not p.is_file():
+        raise TuneshipError(f"GGUF file {p} does not exist")
+    name = p.stem
+    spec = llamacpp_spec(p.resolve(), name, host=host, port=port, n_ctx=n_ctx, n_threads=threads, label=name)
+    return ServePlan(str(p), "gguf", "llamacpp", [spec], spec.url, name)
+
+
+def _version_gguf(name: str, version: str, info: dict, quant: str) -> str:
+    ggufs = info.get("gguf") or {}
+    if quant in ggufs:
+        return ggufs[quant]
+    have = ", ".join(sorted(ggufs)) or "none"
+    raise TuneshipError(
+        f"{name}@{version} has no {quant} GGUF (has: {have}); export one with `tuneship export gguf` from its "
+        f"merge, or pick another with --quant"
+    )
+
+
+def vllm_base_arg(base: dict) -> str:
+    """What `vllm serve` loads for a recorded base: the bundled model's cached checkpoint, a local path, or an
+    HF id."""
+    spec = str(base.get("spec") or base.get("id") or "")
+    if spec.startswith("bundled:"):
+        from tuneship.models import bundled_checkpoint
+
+        return str(bundled_checkpoint(spec.split(":", 1)[1]))
+    return str(base.get("id") or spec)
+
+
+def plan_registry(
+    name: str,
+    root: str | None,
+    backend: str,
+    host: str,
+    port: int,
+    backend_host: str = "127.0.0.1",
+    quant: str = DEFAULT_QUANT,
+    n_ctx: int = 2048,
+    threads: int | None = None,
+    api_key_env: str | None = None,
+    router_options: list[str] | tuple[str, ...] = (),
+    ports: list[int] | None = None,
+) -> ServePlan:
+    """Backends for every version on NAME's route (each on a free port) and the router on `port`."""
+    from tuneship import registry
+
+    route = registry.export_route(name, root=root)
+    versions: dict[str, dict] = route["versions"]
+    root_arg = str(registry.registry_root(root))
+    ports = list(ports or [])
+    specs: list[LaunchSpec] = []
+    backends: dict[str, tuple[str, str]] = {}
+    if backend == "llamacpp":
+        for version, info in versions.items():
+            gguf = _version_gguf(name, version, info, quant)
+            model = f"{name}-{version}"
+            bport = ports.pop(0) if ports else free_port(backend_host)
+            spec = llamacpp_spec(
+                gguf,
+                model,
+                host=backend_host,
+                port=bport,
+                n_ctx=n_ctx,
+                n_threads=threads,
+                label=f"{name}@{version}",
+                version=version,
+            )
+            specs.append(spec)
+            backends[version] = (spec.url + "/v1", model)
+    elif backend == "vllm":
+        stable = route["stable"]
+        base = versions[stable]["base_model"]
+        modules = [
+            LoraModule(f"{name}-{v}", info["adapter_path"], info["base_model"], info.get("lora_r"))
+            for v, info in versions.items()
+        ]
+        bport = ports.pop(0) if ports else free_port(backend_host)
+        spec = vllm_spec(vllm_base_arg(base), base, modules, host=backend_host, port=bport, label=name)
+        specs.append(spec)
+        for v in versions:
+            backends[v] = (spec.url + "/v1", f"{name}-{v}")
+    else:
+        raise TuneshipError(f"unknown backend {backend!r}; choose llamacpp or vllm")
+    rspec = router_spec(name, backends, host, port, root_arg, api_key_env=api_key_env, options=router_options)
+    specs.append(rspec)
+    notes = [
+        f"route revision {route['revision']}: weights {route['weights']} (stable {route['stable']}, canary {route['canary']})"
+    ]
+    return ServePlan(name, "registry", backend, specs, rspec.url, name, notes=notes)
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    """Start the plan's processes in order, each in its own process group; stop them all on demand."""
+
+    def __init__(
+        self,
+        specs: list[LaunchSpec],
+        log_dir: str | Path | None = None,
+        ready_timeout: float = 180.0,
+        env: dict | None = None,
+    ):
+        self.specs = specs
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tuneship-serve-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_timeout = ready_timeout
+        self.env = env or {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def log_path(self, spec: LaunchSpec) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.label)
+        return self.log_dir / f"{safe}.log"
+
+    def start_one(self, spec: LaunchSpec) -> subprocess.Popen:
+        path = self.log_path(spec)
+        self.logs[spec.label] = path
+        env = {**os.environ, **self.env}
+        for key in spec.unset_env:
+            env.pop(key, None)
+        env.update({k: env.get(src, "") for k, src in spec.env_from.items()})
+        env.update(spec.env)
+        # The router's own log lines go to our stderr; the model servers' chatter goes to log files.
+        out = None if spec.role == "router" else open(path, "ab")  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                spec.argv,
+                stdout=out or subprocess.DEVNULL,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            if out:
+                out.close()
+        self.procs[spec.label] = proc
+        return proc
+
+    def wait_ready(self, spec: LaunchSpec) -> float:
+        import httpx
+
+        proc = self.procs[spec.label]
+        t0 = time.monotonic()
+        with httpx.Client(trust_env=False, timeout=2.0) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise TuneshipError(
+                        f"{spec.label} exited with status {proc.returncode} while starting; {self.tail(spec)}"
+                    )
+                try:
+                    if client.get(spec.url + spec.ready_path).status_code == 200:
+                        return time.monotonic() - t0
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - t0 > self.ready_timeout:
+                    raise TuneshipError(
+                        f"{spec.label} did not become ready on {spec.url} in {self.ready_timeout:.0f} s; {self.tail(spec)}"
+                    )
+                time.sleep(0.1)
+
+    def tail(self, spec: LaunchSpec, lines: int = 5) -> str:
+        path = self.logs.get(spec.label)
+        if not path or not path.exists():
+            return "no log"
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+        return f"log {path}: " + " | ".join(text)
+
+    def start(self) -> dict[str, float]:
+        """Start every process: backends together, then the router once they are ready."""
+        times: dict[str, float] = {}
+        try:
+            backends = [s for s in self.specs if s.role != "router"]
+            for spec in backends:
+                log(f"starting {spec.label}: {spec.shell()}")
+                self.start_one(spec)
+            for spec in backends:
+                times[spec.label] = self.wait_ready(spec)
+                log(f"{spec.label} ready on {spec.url} ({times[spec.label]:.1f} s)")
+            for spec in self.specs:
+                if spec.role == "router":
+                    log(f"starting router: {spec.shell()}")
+                    self.start_one(spec)
+                    times[spec.label] = self.wait_ready(spec)
+                    log(f"router ready on {spec.url}")
+        except BaseException:
+            self.stop()
+            raise
+        return times
+
+    def exited(self) -> list[tuple[str, int]]:
+        return [(label, p.returncode) for label, p in self.procs.items() if p.poll() is not None]
+
+    def kill(self, label: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one process's whole group (tests use this to kill a backend under load)."""
+        proc = self.procs[label]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every group (router first, so it stops taking requests), then SIGKILL after `grace`."""
+        order = sorted(self.procs.items(), key=lambda kv: kv[0] != "router")
+        for _, proc in order:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in order:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc in order:
+            # the group may hold children even after its leader exited
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+    def __enter__(self) -> Supervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_until_signal(sup: Supervisor, on_ready=None) -> int:
+    """Start everything, then block until SIGTERM/SIGINT (exit 0) or until the router dies (exit 1).
+    Either way every process group is stopped before returning."""
+    got: list[int] = []
+
+    def handler(signum, frame):
+        if not got:
+            got.append(signum)
+            raise _Stop
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    reported: set[str] = set()
+    try:
+        sup.start()
+        if on_ready:
+            on_ready()
+        while True:
+            for label, code in sup.exited():
+                if label == "router" or len(sup.procs) == 1:
+                    log(f"{label} exited with status {code}; stopping")
+                    return 1
+                if label not in reported:
+                    reported.add(label)
+                    log(f"{label} exited with status {code}; the router sends its traffic to stable")
+            time.sleep(0.2)
+    except _Stop:
+        log(f"got {signal.Signals(got[0]).name}; stopping")
+        return 0
+    finally:
+        sup.stop()
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,641 @@
+"""The A/B router: one OpenAI-compatible endpoint in front of several versions of a model.
+
+`build_app(RouterConfig)` returns a Starlette app; `python -m tuneship.serve.router ...` runs it as its own
+process under uvicorn. Per request it:
+1. checks the bearer key, when one is set (constant-time compare);
+2. maps the public `model` name to a version: sticky by the `user` field or the `X-User-Id` header
+   (weighted rendezvous hashing), weighted random without a key; `NAME@vN` pins a version;
+3. rewrites `model` to the name that version's backend knows it by, and forwards the request over a pooled
+   httpx client; SSE streams are relayed chunk by chunk, unbuffered;
+4. on connection refused, a 5xx or a timeout, marks that backend down for a cool-down and retries on stable
+   (bounded, and only before any byte was streamed to the client);
+5. answers with `X-Tuneship-Version: vN`, and records per-version metrics and a sample for the watcher.
+Background tasks reload the route when the source's revision changes (in-flight requests keep the route they
+started with), and roll the canary back when the watcher finds it worse than stable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route as HttpRoute
+
+from tuneship.progress import log
+from tuneship.serve.hashing import pick_random, pick_sticky
+from tuneship.serve.routes import Route, RouteSource
+from tuneship.serve.watcher import Sample, Watcher, WatcherConfig, is_json_content
+
+VERSION_HEADER = "X-Tuneship-Version"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where one version is served: an OpenAI-compatible base URL (ending in /v1) and its model name there."""
+
+    url: str
+    model: str
+
+
+@dataclass
+class RouterConfig:
+    sources: list[RouteSource]
+    # public name -> version -> backend
+    backends: dict[str, dict[str, Backend]]
+    api_key: str | None = None
+    connect_timeout: float = 2.0
+    request_timeout: float = 300.0
+    cooldown: float = 10.0
+    max_retries: int = 1
+    poll_interval: float = 1.0
+    max_connections: int = 512
+    watcher: WatcherConfig | None = field(default_factory=WatcherConfig)
+
+
+def _error(
+    status: int, message: str, etype: str, code: str | None = None, version: str = "none"
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": etype, "code": code}},
+        status_code=status,
+        headers={VERSION_HEADER: version},
+    )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tuneship_router_requests",
+            "Requests answered, by version and status",
+            ["model", "version", "code"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "tuneship_router_errors",
+            "Backend failures, by version and kind",
+            ["model", "version", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tuneship_router_request_seconds",
+            "End-to-end latency of answered requests (to the last byte for streams)",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "tuneship_router_tokens",
+            "Tokens by version: prompt and completion from `usage`; for streams without usage, content chunks",
+            ["model", "version", "type"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "tuneship_router_failovers",
+            "Requests moved to another version",
+            ["model", "from_version", "to_version"],
+            registry=r,
+        )
+        self.weight = Gauge(
+            "tuneship_router_route_weight", "Route weight by version", ["model", "version"], registry=r
+        )
+        self.up = Gauge(
+            "tuneship_router_backend_up",
+            "1 unless the backend is in its cool-down",
+            ["model", "version"],
+            registry=r,
+        )
+        self.revision = Gauge(
+            "tuneship_router_route_revision", "Route revision served", ["model"], registry=r
+        )
+        self.rollbacks = Counter(
+            "tuneship_router_rollbacks", "Automatic rollbacks", ["model", "version"], registry=r
+        )
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels):
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+
+class Router:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.sources = {s.name: s for s in config.sources}
+        self.routes: dict[str, Route] = {}
+        self.live: dict[str, dict[str, float]] = {}  # name -> weights of versions that have a backend
+        self.down_until: dict[tuple[str, str], float] = {}
+        self.metrics = Metrics()
+        self.watcher = Watcher(config.watcher) if config.watcher else None
+        self.client: httpx.AsyncClient | None = None
+        self._key = config.api_key.encode() if config.api_key else None
+        self._tasks: list[asyncio.Task] = []
+        self._warned: set[tuple[str, str]] = set()
+
+    # ---- routes -------------------------------------------------------------------------------------------
+    def install(self, route: Route) -> None:
+        backends = self.config.backends.get(route.name, {})
+        live = {}
+        for version, weight in route.weights.items():
+            if weight > 0 and version not in backends:
+                if (route.name, version) not in self._warned:
+                    self._warned.add((route.name, version))
+                    log(
+                        f"router: {route.name}@{version} has weight {weight:g} but no backend; it gets no traffic"
+                    )
+                continue
+            live[version] = weight
+        old = self.routes.get(route.name)
+        self.routes[route.name] = route
+        self.live[route.name] = live
+        for version in set(route.weights) | set(backends):
+            self.metrics.child(self.metrics.weight, route.name, version).set(route.weights.get(version, 0.0))
+        self.metrics.child(self.metrics.revision, route.name).set(route.revision)
+        if old is not None and old.revision != route.revision:
+            log(f"router: {route.name} reloaded at revision {route.revision}: weights {route.weights}")
+
+    async def load_all(self) -> None:
+        for source in self.sources.values():
+            self.install(await asyncio.to_thread(source.load))
+
+    async def poll_routes(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            for name, source in self.sources.items():
+                try:
+                    rev = await asyncio.to_thread(source.revision)
+                    if rev != self.routes[name].revision:
+                        self.install(await asyncio.to_thread(source.load))
+                except Exception as e:  # keep serving the last good route
+                    log(
+                        f"router: reloading route {name} failed ({e}); keeping revision {self.routes[name].revision}"
+                    )
+
+    async def watch(self) -> None:
+        assert self.watcher is not None
+        while True:
+            await asyncio.sleep(self.watcher.config.interval)
+            for name, route in list(self.routes.items()):
+                canary, stable = route.canary, route.stable
+                if not canary or not stable or canary == stable or route.weights.get(canary, 0) <= 0:
+                    continue
+                trip = (name, canary, route.revision)
+                if trip in self.watcher.tripped:
+                    continue
+                evidence = self.watcher.verdict(name, stable, canary)
+                if evidence is None:
+                    continue
+                self.watcher.tripped.add(trip)
+                reason = f"auto-rollback of {name}@{canary}: " + "; ".join(evidence["reasons"])
+                log(f"router: {reason}")
+                try:
+                    await asyncio.to_thread(self.sources[name].rollback, canary, reason, evidence)
+                    self.metrics.child(self.metrics.rollbacks, name, canary).inc()
+                    self.install(await asyncio.to_thread(self.sources[name].load))
+                    self.watcher.reset(name, canary)
+                except Exception as e:
+                    log(f"router: rollback of {name}@{canary} failed: {e}")
+
+    # ---- backends' health ---------------------------------------------------------------------------------
+    def is_down(self, name: str, version: str) -> bool:
+        until = self.down_until.get((name, version))
+        if until is None:
+            return False
+        if time.monotonic() >= until:  # cool-down over: let the next request try it
+            del self.down_until[(name, version)]
+            self.metrics.child(self.metrics.up, name, version).set(1)
+            return False
+        return True
+
+    def mark_down(self, name: str, version: str, kind: str, latency: float) -> None:
+        if (name, version) not in self.down_until:
+            log(f"router: {name}@{version} failed ({kind}); down for {self.config.cooldown:g} s")
+        self.down_until[(name, version)] = time.monotonic() + self.config.cooldown
+        m = self.metrics
+        m.child(m.errors, name, version, kind).inc()
+        m.child(m.up, name, version).set(0)
+        if self.watcher:
+            self.watcher.record(name, version, Sample(False, latency))
+
+    def plan(self, name: str, route: Route, first: str, pinned: bool) -> list[str]:
+        """Versions to try, in order: the chosen one (unless down), then stable, then the rest by weight."""
+        if pinned:
+            return [first]
+        live = self.live[name]
+        order = [first]
+        fb = route.fallback
+        if fb and fb in live and fb != first:
+            order.append(fb)
+        order += sorted((v for v in live if v not in order), key=lambda v: -live[v])
+        up = [v for v in order if not self.is_down(name, v)]
+        if first not in up:
+            self.metrics.child(self.metrics.errors, name, first, "down").inc()
+            if self.watcher:
+                self.watcher.record(name, first, Sample(False, 0.0))
+        return (up or order)[: self.config.max_retries + 1]
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def authorized(self, request: Request) -> bool:
+        if self._key is None:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
+
+    async def proxy(self, request: Request, path: str) -> Response:
+        if not self.authorized(request):
+            resp = _error(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                "authentication_error",
+                "invalid_api_key",
+            )
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            return _error(
+                400, f"request body is not valid JSON ({e})", "invalid_request_error", "invalid_json"
+            )
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object", "invalid_request_error", "invalid_body")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(
+                400, "request body needs a 'model' string", "invalid_request_error", "missing_model"
+            )
+        name, _, tag = model.partition("@")
+        route = self.routes.get(name)
+        if route is None:
+            known = ", ".join(sorted(self.routes)) or "none"
+            return _error(
+                404,
+                f"model {model!r} is not served here; models: {known}",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        live = self.live[name]
+        if tag:
+            if tag not in self.config.backends.get(name, {}):
+                return _error(
+                    404, f"{name} has no served version {tag!r}", "invalid_request_error", "model_not_found"
+                )
+            first = tag
+        else:
+            user = body.get("user") or request.headers.get("x-user-id")
+            first = pick_sticky(str(user), live) if user else pick_random(live)
+            if first is None:
+                return _error(503, f"no version of {name} has traffic weight", "server_error", "no_route")
+        stream = body.get("stream") is True
+        versions = self.plan(name, route, first, pinned=bool(tag))
+        backends = self.config.backends[name]
+        client = self.client
+        assert client is not None
+        last: Response | None = None
+        for i, version in enumerate(versions):
+            backend = backends[version]
+            body["model"] = backend.model
+            payload = json.dumps(body).encode()
+            if i > 0:
+                self.metrics.child(self.metrics.failovers, name, versions[i - 1], version).inc()
+            t0 = time.perf_counter()
+            try:
+                req = client.build_request(
+                    "POST", backend.url + path, content=payload, headers={"content-type": "application/json"}
+                )
+                resp = await client.send(req, stream=True)
+            except httpx.TransportError as e:
+                self.mark_down(name, version, _kind(e), time.perf_counter() - t0)
+                last = _error(
+                    502,
+                    f"{name}@{version} failed: {_kind(e)}",
+                    "server_error",
+                    "backend_unavailable",
+                    version,
+                )
+                continue
+            if resp.status_code >= 500:
+                try:
+                    content = await resp.aread()
+                except httpx.TransportError:
+                    content = b""
+                await resp.aclose()
+                self.mark_down(name, version, f"http_{resp.status_code}", time.perf_counter() - t0)
+                last = Response(
+                    content or b'{"error": {"message": "backend error", "type": "server_error"}}',
+                    status_code=resp.status_code,
+                    media_type=resp.headers.get("content-type", "application/json"),
+                    headers={VERSION_HEADER: version},
+                )
+                continue
+            if stream and resp.status_code == 200:
+                chunks = resp.aiter_raw()
+                try:  # the first chunk is still retryable: nothing has reached the client
+                    first_chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    first_chunk = b""
+                except httpx.TransportError as e:
+                    await resp.aclose()
+                    self.mark_down(name, version, _kind(e), time.perf_counter() - t0)
+                    last = _error(
+                        502,
+                        f"{name}@{version} failed: {_kind(e)}",
+                        "server_error",
+                        "backend_unavailable",
+                        version,
+                    )
+                    continue
+                return StreamingResponse(
+                    self.relay(name, version, resp, chunks, first_chunk, t0),
+                    status_code=200,
+                    media_type=resp.headers.get("content-type", "text/event-stream"),
+                    headers={VERSION_HEADER: version, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            try:
+                content = await resp.aread()
+            except httpx.TransportError as e:
+                self.mark_down(name, version, _kind(e), time.perf_counter() - t0)
+                last = _error(
+                    502,
+                    f"{name}@{version} failed: {_kind(e)}",
+                    "server_error",
+                    "backend_unavailable",
+                    version,
+                )
+                continue
+            finally:
+                await resp.aclose()
+            self.finished(name, version, resp.status_code, time.perf_counter() - t0, content)
+            return Response(
+                content,
+                status_code=resp.status_code,
+                media_type=resp.headers.get("content-type", "application/json"),
+                headers={VERSION_HEADER: version},
+            )
+        assert last is not None
+        self.metrics.child(self.metrics.requests, name, versions[-1], str(last.status_code)).inc()
+        return last
+
+    def finished(self, name: str, version: str, status: int, latency: float, content: bytes | None) -> None:
+        m = self.metrics
+        m.child(m.requests, name, version, str(status)).inc()
+        if status >= 400:  # the client's mistake, not the version's
+            return
+        self.down_until.pop((name, version), None)
+        m.child(m.latency, name, version).observe(latency)
+        json_ok = None
+        if content is not None and b'"usage"' in content:
+            try:
+                usage = json.loads(content).get("usage") or {}
+                m.child(m.tokens, name, version, "prompt").inc(usage.get("prompt_tokens") or 0)
+                m.child(m.tokens, name, version, "completion").inc(usage.get("completion_tokens") or 0)
+            except (ValueError, AttributeError, TypeError):
+                pass
+        if self.watcher:
+            if self.watcher.config.json_signal and content is not None:
+                json_ok = is_json_content(content)
+            self.watcher.record(name, version, Sample(True, latency, json_ok))
+
+    async def relay(self, name, version, resp: httpx.Response, chunks, first: bytes, t0: float):
+        """Pass an SSE stream through as it arrives. A failure here cannot be retried: bytes were sent."""
+        ok = True
+        pieces = 0
+        try:
+            if first:
+                pieces += first.count(b'"content"') + first.count(b'"text"')
+                yield first
+            async for chunk in chunks:
+                pieces += chunk.count(b'"content"') + chunk.count(b'"text"')
+                yield chunk
+        except httpx.TransportError as e:
+            ok = False
+            self.mark_down(name, version, "stream_" + _kind(e), time.perf_counter() - t0)
+        finally:
+            await resp.aclose()
+            m = self.metrics
+            if ok:
+                m.child(m.tokens, name, version, "completion").inc(pieces)
+                self.finished(name, version, 200, time.perf_counter() - t0, None)
+            else:
+                m.child(m.requests, name, version, "stream_error").inc()
+
+    # ---- small endpoints ----------------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        if not self.authorized(request):
+            return _error(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                "authentication_error",
+                "invalid_api_key",
+            )
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "tuneship",
+                "weights": route.weights,
+                "revision": route.revision,
+            }
+            for name, route in sorted(self.routes.items())
+        ]
+        return JSONResponse({"object": "list", "data": data}, headers={VERSION_HEADER: "none"})
+
+    def state(self) -> dict:
+        out = {}
+        for name, route in self.routes.items():
+            out[name] = {
+                "revision": route.revision,
+                "weights": route.weights,
+                "stable": route.stable,
+                "canary": route.canary,
+                "serving": sorted(self.live[name]),
+                "down": sorted(v for v in self.live[name] if self.is_down(name, v)),
+            }
+        return out
+
+    async def ready(self, request: Request) -> Response:
+        state = self.state()
+        ok = bool(state) and all(set(s["serving"]) - set(s["down"]) for s in state.values())
+        return JSONResponse(
+            {"ready": ok, "routes": state}, status_code=200 if ok else 503, headers={VERSION_HEADER: "none"}
+        )
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"}, headers={VERSION_HEADER: "none"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(
+            generate_latest(self.metrics.registry),
+            media_type=CONTENT_TYPE_LATEST,
+            headers={VERSION_HEADER: "none"},
+        )
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        c = self.config
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(c.request_timeout, connect=c.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=c.max_connections, max_keepalive_connections=c.max_connections
+            ),
+            trust_env=False,
+        )
+        await self.load_all()
+        self._tasks = [asyncio.create_task(self.poll_routes())]
+        if self.watcher:
+            self._tasks.append(asyncio.create_task(self.watch()))
+        try:
+            yield
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.client.aclose()
+
+
+def _kind(e: Exception) -> str:
+    if isinstance(e, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(e, httpx.ConnectError):
+        return "connect"
+    return type(e).__name__
+
+
+def build_app(config: RouterConfig) -> Starlette:
+    """The router as an ASGI app (its lifespan opens the client and starts the reload and watcher tasks)."""
+    router = Router(config)
+
+    async def chat(request: Request) -> Response:
+        return await router.proxy(request, "/chat/completions")
+
+    async def completions(request: Request) -> Response:
+        return await router.proxy(request, "/completions")
+
+    app = Starlette(
+        routes=[
+            HttpRoute("/v1/chat/completions", chat, methods=["POST"]),
+            HttpRoute("/v1/completions", completions, methods=["POST"]),
+            HttpRoute("/v1/models", router.models, methods=["GET"]),
+            HttpRoute("/health", router.health, methods=["GET"]),
+            HttpRoute("/ready", router.ready, methods=["GET"]),
+            HttpRoute("/metrics", router.metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=router.lifespan,
+    )
+    app.state.router = router
+    return app
+
+
+# ---- its own process ----------------------------------------------------------------------------------------
+def parse_backend(spec: str) -> tuple[str, str, Backend]:
+    """`NAME:vN=URL[#MODEL]` -> (name, version, Backend); MODEL defaults to NAME-vN."""
+    from tuneship.errors import TuneshipError
+
+    left, sep, right = spec.partition("=")
+    name, colon, version = left.partition(":")
+    if not sep or not colon or not name or not version or not right.startswith(("http://", "https://")):
+        raise TuneshipError(f"--backend {spec!r} must look like NAME:vN=http://HOST:PORT/v1[#MODEL]")
+    url, _, model = right.partition("#")
+    return name, version, Backend(url=url.rstrip("/"), model=model or f"{name}-{version}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import uvicorn
+
+    from tuneship.errors import TuneshipError
+    from tuneship.serve.routes import RegistryRouteSource, StaticRouteSource
+
+    p = argparse.ArgumentParser(prog="python -m tuneship.serve.router", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--backend", action="append", default=[], help="NAME:vN=http://HOST:PORT/v1[#MODEL], once per version"
+    )
+    p.add_argument("--root", help="registry root: routes come from the registry (default when no --weights)")
+    p.add_argument(
+        "--weights", action="append", default=[], help="NAME=v1:90,v2:10 for a fixed route instead"
+    )
+    p.add_argument("--stable", action="append", default=[], help="NAME=vN (fixed routes)")
+    p.add_argument("--canary", action="append", default=[], help="NAME=vN (fixed routes)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key-env", default="TUNESHIP_API_KEY", help="environment variable holding the bearer key"
+    )
+    p.add_argument("--cooldown", type=float, default=10.0)
+    p.add_argument("--max-retries", type=int, default=1)
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--no-watcher", action="store_true")
+    p.add_argument("--rollback-threshold", type=float, default=0.05)
+    p.add_argument("--min-samples", type=int, default=50)
+    p.add_argument("--json-signal", action="store_true", help="count valid-JSON answers as a quality signal")
+    a = p.parse_args(argv)
+    try:
+        backends: dict[str, dict[str, Backend]] = {}
+        for spec in a.backend:
+            name, version, backend = parse_backend(spec)
+            backends.setdefault(name, {})[version] = backend
+        if not backends:
+            raise TuneshipError("give at least one --backend NAME:vN=URL")
+        stable = dict(s.partition("=")[::2] for s in a.stable)
+        canary = dict(s.partition("=")[::2] for s in a.canary)
+        sources: list[RouteSource] = []
+        fixed = {}
+        for spec in a.weights:
+            name, _, table = spec.partition("=")
+            fixed[name] = {v: float(w) for v, _, w in (x.partition(":") for x in table.split(","))}
+        for name in backends:
+            if name in fixed:
+                sources.append(StaticRouteSource(name, fixed[name], stable.get(name), canary.get(name)))
+            else:
+                sources.append(RegistryRouteSource(name, a.root))
+        config = RouterConfig(
+            sources=sources,
+            backends=backends,
+            api_key=os.environ.get(a.api_key_env) or None,
+            cooldown=a.cooldown,
+            max_retries=a.max_retries,
+            request_timeout=a.request_timeout,
+            poll_interval=a.poll_interval,
+            watcher=None
+            if a.no_watcher
+            else WatcherConfig(
+                threshold=a.rollback_threshold, min_samples=a.min_samples, json_signal=a.json_signal
+            ),
+        )
+    except (TuneshipError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    uvicorn.run(build_app(config), host=a.host, port=a.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Fixtures for the export stage (filled in by that stage)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the serve stage (filled in by that stage)."""
