@@ -1,7 +1,7 @@
 # tuneship: `make demo` runs the whole path on the bundled model; `make test` runs the tests.
 # Every target uses the virtual environment in .venv, created by `make setup` (idempotent, quick when done).
 #
-# Stage targets take variables, e.g.  make train CONFIG=configs/demo.yaml SET="max_steps=10 lora.r=8"
+# Stage targets take variables, e.g.  make train CONFIG=configs/demo.yaml SET="max_steps=10 lora.r=8" NPROC=2
 # RUNTIME=local (default) runs on this machine; RUNTIME=docker is reserved for the container images (next milestone).
 
 PYTHON    ?= python3
@@ -21,6 +21,7 @@ QUANT     ?= Q4_K_M
 PORT      ?= 8080
 NAME      ?=
 PYTEST_ARGS ?=
+NPROC     ?=
 STAMP     := $(VENV)/.tuneship-setup
 
 ifeq ($(RUNTIME),local)
@@ -73,7 +74,7 @@ data: setup
 	$(TS) data demo --out $(DATA) --overwrite
 
 train: setup
-	$(TS) train --config $(CONFIG) $(SETS) --overwrite
+	$(TS) train --config $(CONFIG) $(SETS) $(if $(NPROC),--nproc $(NPROC)) --overwrite
 
 eval: setup
 	$(TS) eval --model $(MODEL) --data $(DATA)/test.jsonl $(if $(BASELINE),--baseline $(BASELINE)) --out $(OUT)/eval --overwrite

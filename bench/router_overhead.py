@@ -185,7 +185,7 @@ def stack() -> str:
     import importlib.metadata as md
 
     parts = []
-    for dist in ("starlette", "uvicorn", "httpx", "uvloop", "httptools"):
+    for dist in ("starlette", "uvicorn", "aiohttp", "uvloop", "httptools"):
         try:
             parts.append(f"{dist} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -203,6 +203,7 @@ def main() -> int:
     if a.upstream:
         run_upstream(a.upstream)
         return 0
+    load_before = os.getloadavg()
     up_port, router_port = free_port(), free_port()
     env = {**os.environ, "TUNESHIP_QUIET": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)], env=env)]
@@ -229,6 +230,9 @@ def main() -> int:
         for proc in procs:
             proc.wait(timeout=10)
     print(f"machine: {machine()}")
+    print(
+        f"load:    {' '.join(f'{x:.2f}' for x in load_before)} before, {' '.join(f'{x:.2f}' for x in os.getloadavg())} after (1/5/15-min averages; other work on the cores skews every column)"
+    )
     print(f"stack:   {stack()}")
     print(f"{a.seconds:g} s per run, closed loop, keep-alive, 90/10 sticky route, metrics + watcher on\n")
     hdr = "| concurrency | direct p50 ms | direct p99 ms | direct req/s | routed p50 ms | routed p99 ms | routed req/s | added p50 ms | added p99 ms | errors |"

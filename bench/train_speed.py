@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -58,49 +59,65 @@ TINY = dict(
     tie_word_embeddings=True,
 )
 ALL_OFF = dict(
-    keep_bf16=False, liger_rms_norm=False, liger_swiglu=False, liger_rope=False, checkpointing="full"
+    keep_bf16=False,
+    liger_rms_norm=False,
+    liger_swiglu=False,
+    liger_rope=False,
+    checkpointing="full",
+    fused_lora=False,
+    fused_optimizer=False,
 )
+LIGER = dict(liger_rms_norm=True, liger_swiglu=True, liger_rope=True)
 
-# name -> (what it changes, SpeedConfig overrides or None for the stock recipe, loss path)
+# name -> (what it changes, SpeedConfig overrides or None for the stock recipe, loss path).
+# Cumulative: each row adds one lever to the row above it; the rows after `tuneship` vary it.
 VARIANTS: dict[str, tuple[str, dict | None, str]] = {
     "stock": (
-        "reference recipe: peft upcast to fp32, full checkpointing, full-logits loss, fp32 LoRA",
+        "reference script as measured for ENVIRONMENT.md (model left in eval mode, so checkpointing is inactive)",
+        None,
+        "full",
+    ),
+    "stock_train": (
+        "stock recipe in train mode, as the Trainer runs it (checkpointing active)",
         None,
         "full",
     ),
     "bf16": (
-        "+ keep non-quantized weights in bf16 (no fp32 upcast), bf16 LoRA, bf16 autocast",
+        "+ no fp32 upcast (keep_bf16), bf16 LoRA, bf16 autocast; full checkpointing",
         dict(ALL_OFF, keep_bf16=True),
         "full",
     ),
     "fused_ce": (
-        "+ TRL's fused LM head: chunked log-probs, no full logits",
+        "+ TRL's fused LM head (chunked log-probs, no full logits)",
         dict(ALL_OFF, keep_bf16=True),
         "trl",
     ),
-    "liger": ("+ Liger RMSNorm, SwiGLU, RoPE kernels", dict(checkpointing="full"), "trl"),
-    "selective": (
-        "+ selective checkpointing (keep attention outputs)",
-        dict(checkpointing="selective"),
+    "liger": ("+ Liger RMSNorm, SwiGLU, RoPE kernels", dict(ALL_OFF, keep_bf16=True, **LIGER), "trl"),
+    "fused_lora": (
+        "+ fused LoRA add (one addmm per layer)",
+        dict(ALL_OFF, keep_bf16=True, fused_lora=True, **LIGER),
         "trl",
     ),
+    "fused_optim": ("+ fused AdamW instead of paged 8-bit AdamW", dict(checkpointing="full"), "trl"),
     "tuneship": (
-        "+ checkpointing=auto: the defaults of SpeedConfig (the planner turns checkpointing off when it fits)",
+        "+ checkpointing=auto (SpeedConfig defaults: the planner turns checkpointing off when it fits)",
         {},
         "trl",
     ),
-    "no_ckpt": ("+ checkpointing=off, explicitly", dict(checkpointing="off"), "trl"),
-    "no_ckpt_no_liger": (
-        "no checkpointing, fused CE, bf16, without Liger kernels",
-        dict(ALL_OFF, keep_bf16=True, checkpointing="off"),
+    "selective": (
+        "tuneship with selective checkpointing (keep attention outputs)",
+        dict(checkpointing="selective"),
         "trl",
     ),
-    "liger_flce": (
-        "no_ckpt with Liger's fused linear cross-entropy instead of TRL's",
-        dict(checkpointing="off"),
-        "liger",
+    "no_liger": (
+        "tuneship without the Liger kernels",
+        dict(liger_rms_norm=False, liger_swiglu=False, liger_rope=False),
+        "trl",
     ),
-    "compile": ("no_ckpt + torch.compile", dict(checkpointing="off", torch_compile=True), "trl"),
+    "lora_fp32": ("tuneship with fp32 LoRA weights (bf16 compute)", dict(lora_fp32=True), "trl"),
+    "tuneship_repeat": ("tuneship again (run-to-run spread)", {}, "trl"),
+    "liger_flce": ("tuneship with Liger's fused linear cross-entropy instead of TRL's", {}, "liger"),
+    "compile": ("tuneship + torch.compile", dict(torch_compile=True), "trl"),
 }
 DEFAULT_VARIANT = "tuneship"  # the tuneship default recipe at 8 x 1024 on an 80 GB card
 
@@ -125,12 +142,12 @@ def build_model(path: Path, tiny: bool) -> None:
 
 
 def load(variant: str, path: Path, device: str, bs: int, seq: int):
-    """Build the model the way the recipe does. Returns (model, loss_fn, notes, autocast)."""
+    """Build the model the way the recipe does. Returns (model, loss_fn, notes, autocast, optimizer name)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tuneship.train.speed import SpeedConfig, apply_speed, patch_model
+    from tuneship.train.speed import SpeedConfig, apply_speed, patch_model, patch_trainer
 
     desc, overrides, loss_path = VARIANTS[variant]
     dmap = {"": 0} if device == "cuda" else {"": "cpu"}
@@ -149,7 +166,10 @@ def load(variant: str, path: Path, device: str, bs: int, seq: int):
         )
         m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
         m = get_peft_model(m, lora)
-        return m, lambda x: m(input_ids=x, labels=x).loss, ["stock recipe"], False
+        if variant == "stock_train":
+            m.train()  # the Trainer trains in train mode, where checkpointing is active
+        notes = [f"stock recipe, {'train' if m.training else 'eval'} mode"]
+        return m, lambda x: m(input_ids=x, labels=x).loss, notes, False, "paged_adamw_8bit"
 
     # The train stage's path (tuneship/train/run.py build()), step for step.
     cfg = SpeedConfig(**overrides)
@@ -166,17 +186,21 @@ def load(variant: str, path: Path, device: str, bs: int, seq: int):
         "max_length": seq,
         "gradient_checkpointing": True,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "optim": "paged_adamw_8bit",
     }
     notes = apply_speed(cfg, device, model_kwargs, sft_kwargs, model_config=path)
     m = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     m = prepare_model_for_kbit_training(
-        m, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        m,
+        use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=sft_kwargs["gradient_checkpointing_kwargs"],
     )
     notes += patch_model(cfg, m, device)
     m = get_peft_model(m, lora)
     for p in m.parameters():  # SFTTrainer: QLoRA adapters in bf16
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
+    notes += patch_trainer(cfg, SimpleNamespace(model=m), device)
     if sft_kwargs["gradient_checkpointing"]:  # what SFTTrainer + Trainer do
         m.enable_input_require_grads()
         kw = dict(sft_kwargs["gradient_checkpointing_kwargs"] or {})
@@ -212,8 +236,11 @@ def load(variant: str, path: Path, device: str, bs: int, seq: int):
 
     if sft_kwargs.get("torch_compile"):
         call[0] = torch.compile(m)
-    notes.append(f"checkpointing={cfg._resolved.get('checkpointing')}")
-    return m, loss_fn, notes, device == "cuda"
+    m.train()  # as the Trainer does
+    notes.append(
+        f"checkpointing={cfg._resolved.get('checkpointing')} active={bool(m.is_gradient_checkpointing)}"
+    )
+    return m, loss_fn, notes, device == "cuda", sft_kwargs["optim"]
 
 
 def run_variant(args) -> dict:
@@ -225,12 +252,16 @@ def run_variant(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(args.seed)
     t_load = time.perf_counter()
-    m, loss_fn, notes, autocast = load(args.variant, Path(args.model), device, args.bs, args.seq)
+    m, loss_fn, notes, autocast, optim = load(args.variant, Path(args.model), device, args.bs, args.seq)
     load_s = time.perf_counter() - t_load
-    import bitsandbytes as bnb
-
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW8bit(params, lr=args.lr)
+    if optim == "adamw_torch_fused":
+        opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
+    else:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(params, lr=args.lr)
+    notes.append(f"optimizer={optim}")
     vocab = m.config.vocab_size if hasattr(m, "config") else 151936
     g = torch.Generator().manual_seed(args.seed)
     if args.tokens:
@@ -276,6 +307,7 @@ def run_variant(args) -> dict:
         "mfu_pct": round(100 * tps * 4 * N_PARAMS / PEAK_TFLOPS, 2),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None,
         "load_s": round(load_s, 1),
+        "step_times": [round(t, 4) for t in times],
         "first_step_s": round(times[0], 3),
         "loss_last": round(losses[-1], 4),
         "notes": notes,
@@ -311,24 +343,41 @@ def profile_step(loss_fn, opt, x, ctx) -> list[dict]:
             rows.append({"kernel": e.key[:90], "ms_per_step": round(t / 2e3, 2), "calls": e.count // 2})
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
-    return [{"total_gpu_ms_per_step": round(total, 1)}] + rows[:25]
+    cpu = [
+        {
+            "cpu_op": e.key[:90],
+            "self_cpu_ms_per_step": round(e.self_cpu_time_total / 2e3, 2),
+            "calls": e.count // 2,
+        }
+        for e in prof.key_averages()
+        if e.self_cpu_time_total > 0
+    ]
+    cpu.sort(key=lambda r: -r["self_cpu_ms_per_step"])
+    cpu_total = sum(r["self_cpu_ms_per_step"] for r in cpu)
+    return (
+        [{"total_gpu_ms_per_step": round(total, 1), "total_self_cpu_ms_per_step": round(cpu_total, 1)}]
+        + rows[:25]
+        + cpu[:12]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The driver.
 
 
-def planner_prediction(variant: str, bs: int, seq: int, tiny: bool) -> dict:
-    from tuneship.train.plan import ModelShape, RecipeOptions, predict_peak
+def planner_prediction(variant: str, bs: int, seq: int, tiny: bool, mem_gib: float = 79.2) -> dict:
+    from tuneship.train.plan import ModelShape, RecipeOptions, auto_checkpointing, predict_peak
     from tuneship.train.speed import SpeedConfig
 
     shape = ModelShape.from_config(dict(TINY if tiny else QWEN15, model_type="qwen2"), name="qwen2.5-1.5b")
     desc, overrides, loss_path = VARIANTS[variant]
-    if overrides is None:
-        o = RecipeOptions.stock()
+    if overrides is None:  # the reference leaves the model in eval mode: no checkpointing happens
+        o = RecipeOptions.stock(checkpointing="full" if variant == "stock_train" else "off")
     else:
         cfg = SpeedConfig(**{k: v for k, v in overrides.items() if k != "torch_compile"})
         o = RecipeOptions.from_speed(cfg, fused_ce=loss_path != "full")
+        if cfg.checkpointing == "auto":
+            o.checkpointing = auto_checkpointing(shape, bs, seq, o, cfg.memory_fraction * mem_gib * 2**30)[0]
     p = predict_peak(shape, bs, seq, o)
     return {
         "allocated_gib": round(p.allocated / 2**30, 2),
@@ -344,7 +393,8 @@ def largest_batch(seq: int, budget_gib: float, tiny: bool) -> int:
     shape = ModelShape.from_config(dict(TINY if tiny else QWEN15, model_type="qwen2"))
     o = RecipeOptions.from_speed(SpeedConfig(checkpointing="off"), fused_ce=True)
     bs = 1
-    while predict_peak(shape, bs + 1, seq, o).allocated <= budget_gib * 2**30 and bs < 512:
+    # the same test as checkpointing=auto in apply_speed: the predicted total (with slack and context) fits
+    while predict_peak(shape, bs + 1, seq, o).total <= budget_gib * 2**30 and bs < 512:
         bs += 1
     return bs
 
@@ -360,6 +410,7 @@ def sub(
     tokens: str | None = None,
     profile: bool = False,
     lr: float = 2e-4,
+    seed: int | None = None,
 ) -> dict:
     cmd = [
         sys.executable,
@@ -377,7 +428,7 @@ def sub(
         "--warmup",
         str(warmup),
         "--seed",
-        str(a.seed),
+        str(a.seed if seed is None else seed),
         "--lr",
         str(lr),
     ]
@@ -403,6 +454,17 @@ def sub(
         "bs": bs,
         "seq": seq,
         "error": "out of memory" if oom else " | ".join(tail)[-600:],
+    }
+
+
+def compare(s: dict, t: dict) -> dict:
+    d = [abs(x - y) for x, y in zip(s["losses"], t["losses"], strict=True)]
+    return {
+        "max_abs_diff": round(max(d), 5),
+        "mean_abs_diff": round(sum(d) / len(d), 5),
+        "max_rel_diff": round(max(di / abs(x) for di, x in zip(d, s["losses"], strict=True)), 5),
+        "first_last": [t["losses"][0], t["losses"][-1]],
+        "stock_first_last": [s["losses"][0], s["losses"][-1]],
     }
 
 
@@ -476,10 +538,13 @@ def table(rows: list[dict], stock: dict) -> str:
 
 CORE = [
     "stock",
+    "stock_train",
     "bf16",
     "fused_ce",
     "liger",
-    "no_ckpt",
+    "fused_lora",
+    "fused_optim",
+    "tuneship",
 ]  # run first; the rest after the curve and largest batch
 
 
@@ -533,7 +598,7 @@ def main_driver(a) -> None:
             r["plan"] = planner_prediction(DEFAULT_VARIANT, bbs, seq, tiny)
             r["variant"] = "largest_batch"
             r["what"] = (
-                f"{DEFAULT_VARIANT} at the largest micro-batch the planner fits in 90% of {mem:.0f} GiB"
+                f"{DEFAULT_VARIANT} at the largest micro-batch whose predicted peak fits 90% of {mem:.0f} GiB without checkpointing"
             )
             if r.get("error") != "out of memory" or left() < 70:
                 break
@@ -571,23 +636,48 @@ def main_driver(a) -> None:
             lr=a.curve_lr,
         )
         if "losses" in s and "losses" in t:
-            d = [abs(x - y) for x, y in zip(s["losses"], t["losses"], strict=True)]
             state["curve"] = {
                 "bs": cbs,
                 "seq": cseq,
                 "steps": csteps,
                 "lr": a.curve_lr,
                 "tokens_file": Path(tokens).name,
-                "max_abs_diff": round(max(d), 5),
-                "mean_abs_diff": round(sum(d) / len(d), 5),
-                "max_rel_diff": round(max(di / abs(x) for di, x in zip(d, s["losses"], strict=True)), 5),
-                "stock_first_last": [s["losses"][0], s["losses"][-1]],
-                "tuneship_first_last": [t["losses"][0], t["losses"][-1]],
+                **compare(s, t),
                 "stock_losses": s["losses"],
                 "tuneship_losses": t["losses"],
                 "stock_tok_s": s["tok_s"],
                 "tuneship_tok_s": t["tok_s"],
             }
+            if a.curve_spread and left() > 100:
+                # the natural spread: the stock recipe again, with another LoRA init seed (same data order)
+                e = sub(
+                    "stock",
+                    a,
+                    cbs,
+                    cseq,
+                    csteps,
+                    0,
+                    timeout=max(30, min(left() - 10, 180)),
+                    tokens=tokens,
+                    lr=a.curve_lr,
+                    seed=a.seed + 1,
+                )
+                if "losses" in e:
+                    state["curve"]["stock_other_seed"] = {**compare(s, e), "losses": e["losses"]}
+            if a.curve_extra and left() > 60:
+                e = sub(
+                    a.curve_extra,
+                    a,
+                    cbs,
+                    cseq,
+                    csteps,
+                    0,
+                    timeout=max(30, min(left() - 10, 180)),
+                    tokens=tokens,
+                    lr=a.curve_lr,
+                )
+                if "losses" in e:
+                    state["curve"][a.curve_extra] = {**compare(s, e), "losses": e["losses"]}
         else:
             state["curve"] = {"error": s.get("error") or t.get("error")}
         log(f"curve: { {k: v for k, v in state['curve'].items() if not k.endswith('losses')} }")
@@ -658,7 +748,18 @@ def write_result(a, state: dict, t0: float, tiny: bool, bs: int, seq: int, final
         print(
             f"loss curve ({curve['steps']} steps, real text, {curve['bs']}x{curve['seq']}, lr {curve['lr']}): "
             f"max |stock - tuneship| = {curve['max_abs_diff']}, mean {curve['mean_abs_diff']}; "
-            f"stock {curve['stock_first_last']}, tuneship {curve['tuneship_first_last']}"
+            f"stock {curve['stock_first_last']}, tuneship {curve['first_last']}"
+        )
+    spread = curve.get("stock_other_seed") if curve else None
+    if spread:
+        print(
+            f"loss curve stock vs stock at seed+1: max {spread['max_abs_diff']}, mean {spread['mean_abs_diff']}"
+        )
+    extra = curve.get(a.curve_extra) if curve and a.curve_extra else None
+    if extra:
+        print(
+            f"loss curve {a.curve_extra}: max |stock - it| = {extra['max_abs_diff']}, mean {extra['mean_abs_diff']}, "
+            f"last {extra['first_last'][-1]}"
         )
     for e in plan_err:
         print(
@@ -668,7 +769,12 @@ def write_result(a, state: dict, t0: float, tiny: bool, bs: int, seq: int, final
     for r in rows:
         for p in r.get("profile") or []:
             if "total_gpu_ms_per_step" in p:
-                print(f"profile {r['variant']}: {p['total_gpu_ms_per_step']} GPU ms per step (kernel time)")
+                print(
+                    f"profile {r['variant']}: {p['total_gpu_ms_per_step']} GPU ms per step (kernel time), "
+                    f"{p.get('total_self_cpu_ms_per_step')} CPU ms per step (profiled)"
+                )
+            elif "cpu_op" in p:
+                print(f"  cpu {p['self_cpu_ms_per_step']:>8.2f} ms x{p['calls']:<5} {p['cpu_op']}")
             else:
                 print(f"  {p['ms_per_step']:>8.2f} ms x{p['calls']:<5} {p['kernel']}")
     print(
@@ -709,6 +815,10 @@ def main() -> None:
     ap.add_argument(
         "--largest-bs", type=int, default=0, help="micro-batch for the largest-batch run (0: planner)"
     )
+    ap.add_argument(
+        "--curve-extra", default="lora_fp32", help="a third variant on the loss curve ('' for none)"
+    )
+    ap.add_argument("--curve-spread", action="store_true", help="also run the stock curve at another seed")
     ap.add_argument("--curve-steps", type=int, default=200)
     ap.add_argument("--curve-bs", type=int, default=4)
     ap.add_argument("--curve-seq", type=int, default=512)

@@ -12,14 +12,9 @@ import pytest
 from tuneship.artifacts import read_record
 from tuneship.cli import main
 from tuneship.data.clean import answer_key, find_near_duplicates, shingle_hashes, signatures
+from tuneship.data.hashing import dataset_dir_sha256, dataset_sha256
 from tuneship.data.pii import luhn_ok, scan
-from tuneship.data.prepare import (
-    BadRowsError,
-    PrepareConfig,
-    dataset_dir_sha256,
-    dataset_sha256,
-    prepare_data,
-)
+from tuneship.data.prepare import BadRowsError, PrepareConfig, prepare_data
 from tuneship.data.split import assign_splits
 from tuneship.errors import TuneshipError
 
@@ -86,9 +81,13 @@ def test_messy_file_no_group_leaks(messy_out):
 
 
 def test_the_group_would_leak_without_group_key(tmp_path):
-    prepare_data([MESSY], tmp_path / "o", cfg(on_error="skip"))
-    rows = read_splits(tmp_path / "o")
-    assert len(splits_of(rows, lambda r: r["meta"]["user"] == "g-leak")) > 1
+    def g_leak_splits(seed: int, key: str | None) -> int:
+        out = tmp_path / f"o{seed}{key}"
+        prepare_data([MESSY], out, cfg(on_error="skip", seed=seed, group_key=key))
+        return len(splits_of(read_splits(out), lambda r: r["meta"]["user"] == "g-leak"))
+
+    assert any(g_leak_splits(seed, None) > 1 for seed in range(5))
+    assert all(g_leak_splits(seed, "user") == 1 for seed in range(5))
 
 
 def test_messy_audit_lists_every_finding(messy_out):
@@ -112,6 +111,17 @@ def test_messy_audit_lists_every_finding(messy_out):
         ("31", "2"),
         ("32", "3"),
     ]
+    flagged = {r["where"].rsplit(":", 1)[1]: r["reason"] for r in audit["flagged_rows"]}
+    assert flagged == {
+        "30": "exact_duplicate",
+        "31": "exact_duplicate",
+        "32": "exact_duplicate",
+        "33": "near_duplicate",
+        "34": "near_duplicate",
+        "35": "contradiction",
+        "36": "contradiction",
+        "37": "contradiction",
+    }
     nd = audit["near_duplicates"]
     assert nd["clusters"] == 1 and nd["count"] == 2
     cluster = nd["examples"][0]
@@ -377,10 +387,15 @@ def test_token_lengths_use_the_chat_template(tmp_path, tok_model):
         [path], tmp_path / "o2", PrepareConfig(model=str(adapter), max_length=40, system="Be brief.")
     )
     assert s2["tokens"] == s["tokens"]
-    # sampling measures fewer rows and says so
-    prepare_data([path], tmp_path / "o3", PrepareConfig(model=tok_model, length_sample=20))
+    # with sampling, percentiles come from the sample; rows that could pass max_length are still all measured
+    prepare_data(
+        [path],
+        tmp_path / "o3",
+        PrepareConfig(model=tok_model, length_sample=20, max_length=40, system="Be brief."),
+    )
     tokens = json.loads((tmp_path / "o3" / "audit.json").read_text())["tokens"]
     assert tokens["sampled"] and tokens["measured"] == 20 and "sample" in tokens["note"]
+    assert tokens["max"] == lengths[-1] and tokens["over_max_length"] == s["tokens"]["over_max_length"]
 
 
 def test_signatures_match_datasketch():
@@ -436,3 +451,12 @@ def test_unknown_model_is_a_clear_error_and_writes_nothing(tmp_path):
             [MESSY], tmp_path / "o", PrepareConfig(model=str(tmp_path / "no-model"), on_error="skip")
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_seed_same_files(tmp_path):
+    a = prepare_data([MESSY], tmp_path / "a", cfg(on_error="skip", group_key="user"))
+    b = prepare_data([MESSY], tmp_path / "b", cfg(on_error="skip", group_key="user"))
+    c = prepare_data([MESSY], tmp_path / "c", cfg(on_error="skip", group_key="user", seed=1))
+    assert a["sha256"] == b["sha256"] != c["sha256"]
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

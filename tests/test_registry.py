@@ -434,9 +434,12 @@ def test_python_rollback_records_evidence(root, adapters):
     reg.promote("demo@v1", to="stable", root=root)
     reg.promote("demo@v2", to="canary", weight=50, root=root)
     evidence = {"canary_error_rate": 0.2, "stable_error_rate": 0.01, "window_s": 60}
+    with pytest.raises(TuneshipError, match="canary of demo is now v2, not v1"):
+        reg.rollback("demo", evidence=evidence, only_canary=True, canary_version="v1", root=root)
     out = reg.rollback(
-        "demo", reason="auto: error rate", evidence=evidence, actor="router", only_canary=True, root=root
-    )
+        "demo", reason="auto: error rate", evidence=evidence, actor="router", only_canary=True, canary_version="v2",
+        root=root,
+    )  # fmt: skip
     assert out["mode"] == "canary"
     # a watcher repeating its alarm never walks the stable back
     with pytest.raises(TuneshipError, match="no canary carrying traffic"):

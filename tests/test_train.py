@@ -14,9 +14,17 @@ from tuneship.cli import main
 
 def test_adapter_artifact_files(adapter_dir: Path):
     names = {p.name for p in adapter_dir.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "tuneship.json", "loss_curve.png", "log_history.json"} <= names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tuneship.json",
+        "loss_curve.png",
+        "log_history.json",
+    } <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
-    assert not adapter_dir.with_name(adapter_dir.name + ".run").exists(), "the run dir is removed after success"
+    assert not adapter_dir.with_name(adapter_dir.name + ".run").exists(), (
+        "the run dir is removed after success"
+    )
     assert not list(adapter_dir.parent.glob(".adapter.tmp-*")), "no temporary dir is left behind"
 
 
@@ -35,7 +43,9 @@ def test_record_has_lineage_and_figures(adapter_dir: Path, demo_data: Path):
     assert rec["config"]["quant"]["quant_type"] == "nf4" and rec["config"]["optim"] == "paged_adamw_8bit"
     m = rec["metrics"]
     assert m["steps"] == FIXTURE_STEPS
-    assert math.isfinite(m["final_loss"]) and m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 and m["wall_s"] > 0
+    assert (
+        math.isfinite(m["final_loss"]) and m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 and m["wall_s"] > 0
+    )
     assert "git_commit" in rec
 
 
@@ -55,13 +65,19 @@ def test_only_lora_params_change(demo_data: Path, tmp_path: Path):
     cfg = fixture_train_config(demo_data, tmp_path / "a", max_steps=2, batch_size=2)
     setup = build(cfg, tmp_path / "run")
     model = setup.trainer.model
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def raw(t):  # compare bytes: packed 4-bit weights in bf16 storage hold NaN bit patterns, and NaN != NaN
+        return t.detach().contiguous().view(torch.uint8).clone()
+
+    before = {n: raw(p) for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     setup.trainer.train()
     after = dict(model.named_parameters())
     changed_trainable = [n for n in trainable if not torch.equal(before[n], after[n].detach())]
-    changed_frozen = [n for n in before if n not in trainable and not torch.equal(before[n], after[n].detach())]
+    changed_frozen = [
+        n for n in before if n not in trainable and not torch.equal(before[n], after[n].detach())
+    ]
     assert len(changed_trainable) > len(trainable) // 2
     assert changed_frozen == []
     assert any("Linear4bit" in type(m).__name__ for m in model.modules()), "the base is 4-bit"
@@ -88,7 +104,21 @@ def test_resume_continues_from_checkpoint(demo_data: Path, tmp_path: Path):
 
 
 def test_cli_print_config_and_overrides(capsys):
-    assert main(["train", "--config", "configs/demo.yaml", "--set", "lora.r=8", "--set", "lora.target_modules=attention", "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "configs/demo.yaml",
+                "--set",
+                "lora.r=8",
+                "--set",
+                "lora.target_modules=attention",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["lora"]["r"] == 8 and cfg["lora"]["target_modules"] == "attention"
 
@@ -104,14 +134,28 @@ def test_cli_print_config_and_overrides(capsys):
     ],
 )
 def test_bad_config_key_is_one_line(sets, expected, capsys):
-    args = ["train", "--config", "configs/demo.yaml"] + [x for s in sets for x in ("--set", s)] + ["--print-config"]
+    args = (
+        ["train", "--config", "configs/demo.yaml"]
+        + [x for s in sets for x in ("--set", s)]
+        + ["--print-config"]
+    )
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and expected in err
 
 
 def test_missing_data_file(tmp_path, capsys):
-    rc = main(["train", "--config", "configs/demo.yaml", "--set", f"data.train={tmp_path}/nope.jsonl", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "--set",
+            f"data.train={tmp_path}/nope.jsonl",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "nope.jsonl does not exist" in err
@@ -121,8 +165,21 @@ def test_missing_data_file(tmp_path, capsys):
 def test_bad_rows_name_the_line(tmp_path, capsys):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"input": "a posting", "output": {"title": "x"}}\n{"input": "no output here"}\n')
-    rc = main(["train", "--config", "configs/demo.yaml", "--set", f"data.train={bad}", "--set", "data.valid=null",
-               "--set", "data.system_prompt_file=null", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "--set",
+            f"data.train={bad}",
+            "--set",
+            "data.valid=null",
+            "--set",
+            "data.system_prompt_file=null",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:" in err and "output" in err
@@ -132,8 +189,21 @@ def test_bad_rows_name_the_line(tmp_path, capsys):
 def test_not_json_names_the_line(tmp_path, capsys):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\nthis is not json\n')
-    rc = main(["train", "--config", "configs/demo.yaml", "--set", f"data.train={bad}", "--set", "data.valid=null",
-               "--set", "data.system_prompt_file=null", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "--set",
+            f"data.train={bad}",
+            "--set",
+            "data.valid=null",
+            "--set",
+            "data.system_prompt_file=null",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
 
@@ -152,7 +222,9 @@ def test_gpu_setting_without_gpu(capsys, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    rc = main(["train", "--config", "configs/demo.yaml", "--set", "device=cuda", "--out", str(tmp_path / "o")])
+    rc = main(
+        ["train", "--config", "configs/demo.yaml", "--set", "device=cuda", "--out", str(tmp_path / "o")]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "no GPU" in err and "Traceback" not in err
@@ -163,6 +235,16 @@ def test_pickle_base_refused(tmp_path, capsys, bundled_dir):
     fake.mkdir()
     (fake / "config.json").write_text((bundled_dir / "config.json").read_text())
     (fake / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    rc = main(["train", "--config", "configs/demo.yaml", "--set", f"base_model={fake}", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "--set",
+            f"base_model={fake}",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     assert "--allow-pickle" in capsys.readouterr().err

@@ -49,46 +49,91 @@ def _tokenizer_for(spec: str):
     return tok, info
 
 
-def token_lengths(examples: list[dict], model: str, sample: int, seed: int, batch: int = 2048) -> dict:
+LONGEST = 500  # with sampling, the rows longest in characters that are always measured too
+
+
+def token_lengths(
+    examples: list[dict], model: str, sample: int, seed: int, max_length: int, batch: int = 2048
+) -> dict:
     """Token counts of the full conversations as the model's chat template renders them.
 
-    With `sample` > 0 and more rows than that, a seeded random sample of `sample` rows is measured and the
-    over-max count is scaled up (flagged `sampled: true` in the audit).
+    Every row is measured when `sample` is 0 or the data has at most `sample` rows. Otherwise a seeded random
+    sample gives p50/p95/mean and the histogram, and max/over-max come from every row long enough to matter:
+    the LONGEST rows by characters, plus every row with at least 80 % of the characters that `max_length`
+    tokens took at the densest chars-per-token ratio seen in the sample.
     """
     tok, info = _tokenizer_for(model)
-    idx = list(range(len(examples)))
-    sampled = 0 < sample < len(examples)
-    if sampled:
-        idx = sorted(random.Random(seed).sample(idx, sample))
-    lengths = np.empty(len(idx), dtype=np.int64)
-    for s in range(0, len(idx), batch):
-        part = idx[s : s + batch]
-        texts = tok.apply_chat_template([examples[i]["messages"] for i in part], tokenize=False)
-        enc = tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        lengths[s : s + len(part)] = [len(e) for e in enc]
-    return {"model": info, "lengths": lengths, "rows": idx, "sampled": sampled}
+    n = len(examples)
 
+    def measure(idx: list[int]) -> np.ndarray:
+        out = np.empty(len(idx), dtype=np.int64)
+        for s in range(0, len(idx), batch):
+            part = idx[s : s + batch]
+            try:
+                texts = tok.apply_chat_template([examples[i]["messages"] for i in part], tokenize=False)
+            except Exception as e:  # jinja raises for roles a template refuses (e.g. no system role)
+                raise TuneshipError(
+                    f"the chat template of {model!r} rejected a row ({type(e).__name__}: {e}); "
+                    "check --system and the roles, pick another --model, or pass --model none"
+                ) from None
+            enc = tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            out[s : s + len(part)] = [len(e) for e in enc]
+        return out
 
-def length_stats(lengths: np.ndarray, max_length: int, n_total: int, sampled: bool) -> dict:
-    if len(lengths) == 0:
-        return {"measured": 0}
-    over = int((lengths > max_length).sum())
-    stats = {
-        "measured": int(len(lengths)),
-        "of": n_total,
-        "sampled": sampled,
-        "p50": int(np.percentile(lengths, 50, method="lower")),
-        "p95": int(np.percentile(lengths, 95, method="lower")),
-        "max": int(lengths.max()),
-        "mean": round(float(lengths.mean()), 1),
-        "total_tokens": int(lengths.sum()) if not sampled else int(round(lengths.mean() * n_total)),
-        "max_length": max_length,
-        "over_max_length": over if not sampled else int(round(over * n_total / len(lengths))),
+    if sample <= 0 or n <= sample:
+        lengths = measure(list(range(n)))
+        return {
+            "model": info,
+            "sampled": False,
+            "sample_lengths": lengths,
+            "rows": list(range(n)),
+            "lengths": lengths,
+        }
+    picked = sorted(random.Random(seed).sample(range(n), sample))
+    sample_lengths = measure(picked)
+    chars = np.array([sum(len(m["content"]) for m in ex["messages"]) for ex in examples])
+    densest = float((chars[picked] / np.maximum(sample_lengths, 1)).min())
+    cutoff = 0.8 * max_length * densest
+    in_sample = set(picked)
+    long_rows = set(np.argsort(-chars, kind="stable")[:LONGEST].tolist()) | set(
+        np.nonzero(chars >= cutoff)[0].tolist()
+    )
+    extra = sorted(long_rows - in_sample)
+    extra_lengths = measure(extra)
+    return {
+        "model": info,
+        "sampled": True,
+        "sample_lengths": sample_lengths,
+        "rows": picked + extra,
+        "lengths": np.concatenate([sample_lengths, extra_lengths]),
+        "extra": len(extra),
+        "cutoff_chars": round(cutoff),
     }
-    if sampled:
+
+
+def length_stats(tl: dict, max_length: int, n_total: int) -> dict:
+    sample, lengths = tl["sample_lengths"], tl["lengths"]
+    if len(sample) == 0:
+        return {"measured": 0}
+    stats = {
+        "measured": int(len(sample)),
+        "of": n_total,
+        "sampled": tl["sampled"],
+        "p50": int(np.percentile(sample, 50, method="lower")),
+        "p95": int(np.percentile(sample, 95, method="lower")),
+        "max": int(lengths.max()),
+        "mean": round(float(sample.mean()), 1),
+        "total_tokens": int(lengths.sum()) if not tl["sampled"] else int(round(sample.mean() * n_total)),
+        "max_length": max_length,
+        "over_max_length": int((lengths > max_length).sum()),
+    }
+    if tl["sampled"]:
+        stats["also_measured"] = tl["extra"]
         stats["note"] = (
-            f"measured on a seeded sample of {len(lengths)} of {n_total} rows; total_tokens and over_max_length "
-            "are scaled estimates (pass --length-sample 0 to measure every row)"
+            f"p50, p95, mean, total_tokens and the histogram come from a seeded sample of {len(sample)} of {n_total} "
+            f"rows; max and over_max_length also measured the {tl['extra']} other rows that could come near "
+            f"max_length (the {LONGEST} longest in characters and all with at least {tl['cutoff_chars']} characters); "
+            "pass --length-sample 0 to measure every row"
         )
     return stats
 

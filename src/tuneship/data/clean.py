@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import re
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -23,6 +25,7 @@ _WORD = re.compile(r"\w+")
 # LSH band settings weigh a missed pair 99x a false candidate: every candidate is checked exactly, so false
 # candidates cost only time, while a missed pair is a near-duplicate left in (recall ~0.98 at the threshold).
 LSH_WEIGHTS = (0.01, 0.99)
+BIG_BUCKET = 256  # above this many rows in one LSH bucket, compare against one row per cluster, not all pairs
 _GRAM_MUL = np.uint64(0x100000001B3)  # FNV-64 prime: mixes consecutive token hashes into a shingle hash
 
 
@@ -125,19 +128,26 @@ def shingle_hashes(texts: list[str], mode: str = "word", k: int = 3) -> tuple[np
         raise ValueError(f"shingle mode must be word or char, got {mode!r}")
     if k < 1:
         raise ValueError("shingle size must be at least 1")
-    pieces: list[np.ndarray] = []
-    lengths = np.empty(len(texts), dtype=np.int64)
     if mode == "word":
-        vocab = _Vocab()
-        flat: list[int] = []
-        for i, t in enumerate(texts):
-            ids = list(map(vocab.__getitem__, _WORD.findall(t.casefold())))
-            if len(ids) < k:
-                ids.extend([0] * (k - len(ids)))
-            flat.extend(ids)
-            lengths[i] = len(ids)
-        tokens = np.array(flat, dtype=np.uint64)
+        vocab = _Vocab({"": 0})
+        token_parts, length_parts = [], []
+        for start in range(0, len(texts), 8192):  # in chunks, so the word strings never all live at once
+            words = [_WORD.findall(t.casefold()) for t in texts[start : start + 8192]]
+            for i, w in enumerate(words):
+                if len(w) < k:
+                    words[i] = w + [""] * (k - len(w))  # "" is the padding token, hashed to 0
+            lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+            token_parts.append(
+                np.fromiter(
+                    map(vocab.__getitem__, chain.from_iterable(words)), dtype=np.uint64, count=int(lens.sum())
+                )
+            )
+            length_parts.append(lens)
+        lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
+        tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, dtype=np.uint64)
     else:
+        pieces: list[np.ndarray] = []
+        lengths = np.empty(len(texts), dtype=np.int64)
         for i, t in enumerate(texts):
             cps = np.frombuffer(" ".join(t.casefold().split()).encode("utf-32-le"), dtype=np.uint32)
             if len(cps) < k:
@@ -221,6 +231,7 @@ class NearDupResult:
     candidates: int = 0  # LSH candidate pairs checked
     num_perm: int = 0
     bands: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # shingles, signatures, lsh_index, verify
 
 
 def find_near_duplicates(
@@ -238,8 +249,11 @@ def find_near_duplicates(
     res = NearDupResult(num_perm=num_perm)
     if len(rows) < 2:
         return res
+    t0 = time.perf_counter()
     hashes, offsets = shingle_hashes([texts[i] for i in rows], mode, k)
+    t1 = time.perf_counter()
     sigs = signatures(hashes, offsets, num_perm, seed)
+    t2 = time.perf_counter()
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
     res.bands = lsh.b
     uf = UnionFind(len(rows))
@@ -252,19 +266,54 @@ def find_near_duplicates(
             s = sets[j] = np.unique(hashes[offsets[j] : offsets[j + 1]])
         return s
 
-    for j in range(len(rows)):
-        m = LeanMinHash(seed=seed, hashvalues=sigs[j], scheme="affine32")
-        for c in lsh.query(m):
-            if uf.find(c) == uf.find(j):
+    with lsh.insertion_session() as session:
+        for j in range(len(rows)):
+            session.insert(
+                j, LeanMinHash(seed=seed, hashvalues=sigs[j], scheme="affine32"), check_duplication=False
+            )
+    t3 = time.perf_counter()
+    checked: set[tuple[int, int]] = set()
+
+    def check(j: int, c: int) -> None:
+        if uf.find(c) == uf.find(j) or (j, c) in checked:
+            return
+        checked.add((j, c))
+        res.candidates += 1
+        sa, sb = shingle_set(j), shingle_set(c)
+        inter = len(np.intersect1d(sa, sb, assume_unique=True))
+        jac = inter / (len(sa) + len(sb) - inter)
+        if jac >= threshold:
+            uf.union(j, c)
+            pairs.append((j, c, jac))
+
+    # Rows sharing a bucket in any band are candidates (what `lsh.query` returns), read straight from the
+    # index's tables so each row's bands are hashed once.
+    for table in lsh.hashtables:
+        for key in table.keys():
+            members = table.get(key)
+            if len(members) < 2:
                 continue
-            res.candidates += 1
-            sa, sb = shingle_set(j), shingle_set(c)
-            inter = len(np.intersect1d(sa, sb, assume_unique=True))
-            jac = inter / (len(sa) + len(sb) - inter)
-            if jac >= threshold:
-                uf.union(j, c)
-                pairs.append((j, c, jac))
-        lsh.insert(j, m, check_duplication=False)
+            members = sorted(members)
+            if len(members) <= BIG_BUCKET:
+                for x in range(1, len(members)):
+                    for y in range(x):
+                        check(members[x], members[y])
+            else:  # a huge bucket (templated data): compare each row with one row per cluster seen so far
+                reps: dict[int, int] = {}
+                for m in members:
+                    for r in list(reps.values()):
+                        check(m, r)
+                    reps.setdefault(uf.find(m), m)
+                    reps = {uf.find(r): r for r in reps.values()}
+    t4 = time.perf_counter()
+    res.seconds = {
+        k: round(v, 3)
+        for k, v in zip(
+            ("shingles", "signatures", "lsh_index", "verify"),
+            (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+            strict=True,
+        )
+    }
     groups: dict[int, list[int]] = {}
     for j in range(len(rows)):
         groups.setdefault(uf.find(j), []).append(j)

@@ -45,7 +45,9 @@ def _help(field: str) -> str:
     return (info.description or "") + shown
 
 
-@data.command("prepare")
+@data.command(
+    "prepare", short_help="Validate, deduplicate, split and audit your own data into a dataset dir."
+)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--out",
@@ -101,10 +103,12 @@ def prepare(inputs, out, fmt, config_path, overrides, overwrite, as_json, **valu
     cfg = load_config(PrepareConfig, config_path, overrides, format=fmt, **values)
     s = prepare_data(list(inputs), out, cfg, overwrite=overwrite)
     removed = ", ".join(f"{k} {v}" for k, v in s["removed"].items() if v)
+    flagged = ", ".join(f"{k} {v}" for k, v in s["flagged"].items() if v)
     human = (
         f"wrote {out}: {s['rows_out']} of {s['rows_in']} rows; "
         + ", ".join(f"{k}={v}" for k, v in s["splits"].items())
         + (f"; removed {removed}" if removed else "")
+        + (f"; flagged and kept {flagged}" if cfg.keep_flagged and flagged else "")
         + f"\nsha256 {s['sha256']}\naudit: {out}/audit.md"
     )
     emit(s, as_json, human)

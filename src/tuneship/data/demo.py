@@ -10,7 +10,8 @@ import json
 import random
 from pathlib import Path
 
-from tuneship.artifacts import atomic_dir, sha256_dir, write_record
+from tuneship.artifacts import atomic_dir, write_record
+from tuneship.data.hashing import dataset_dir_sha256
 
 SYSTEM_PROMPT = (
     "Extract the job title, company, location and whether the job is remote from the posting. "
@@ -77,15 +78,14 @@ def make_rows(n: int = 720, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
-        t, c, l = rng.choice(TITLES), rng.choice(COMPANIES), rng.choice(LOCATIONS)
+        t, c, loc = rng.choice(TITLES), rng.choice(COMPANIES), rng.choice(LOCATIONS)
         remote = rng.random() < 0.4
         r = rng.choice(REMOTE_YES if remote else REMOTE_NO)
-        text = rng.choice(TEMPLATES).format(t=t, c=c, l=l, r=r).strip()
-        text = " ".join(text.split(" ")) if "\n" not in text else text
+        text = rng.choice(TEMPLATES).format(t=t, c=c, l=loc, r=r).strip()
         if text in seen:
             continue
         seen.add(text)
-        out = {"title": t, "company": c, "location": l, "remote": remote}
+        out = {"title": t, "company": c, "location": loc, "remote": remote}
         rows.append({"input": text, "output": out, "id": f"job-{len(rows):04d}"})
     return rows
 
@@ -104,7 +104,7 @@ def write_demo_data(out: str | Path, n: int = 720, seed: int = 0, fractions=(0.8
                 for row in part:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "system_prompt.txt").write_text(SYSTEM_PROMPT + "\n")
-        digest = sha256_dir(tmp)
+        digest = dataset_dir_sha256(tmp)
         write_record(tmp, "dataset", sha256=digest, splits={k: len(v) for k, v in splits.items()}, seed=seed,
                      system_prompt=SYSTEM_PROMPT, task="job-posting-extraction")
     return {"out": str(out), "splits": {k: len(v) for k, v in splits.items()}, "sha256": digest}

@@ -9,7 +9,6 @@ the value `tuneship train` records for the same files).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,8 @@ from tuneship.artifacts import atomic_dir, write_json_atomic, write_record
 from tuneship.config import StageConfig
 from tuneship.data import audit as audit_mod
 from tuneship.data.clean import dedup_text, find_contradictions, find_exact_duplicates, find_near_duplicates
-from tuneship.data.readers import BadRow, RawRow, Source, read_input
+from tuneship.data.hashing import SPLIT_FILES, dataset_sha256
+from tuneship.data.readers import BadRow, Source, read_input
 from tuneship.data.schema import RowError, normalize_row
 from tuneship.data.split import SPLITS, assign_splits, components
 from tuneship.errors import TuneshipError
@@ -31,7 +31,6 @@ from tuneship.models import DEFAULT_MODEL
 from tuneship.progress import log
 
 REASONS = ("invalid", "exact_duplicate", "near_duplicate", "contradiction")
-SPLIT_FILES = tuple(f"{s}.jsonl" for s in SPLITS)
 EXAMPLES = 10  # examples per cleaning reason in the audit
 FLAGS_KEY = "tuneship_flags"  # meta key naming why a kept row was flagged (only with --keep-flagged)
 
@@ -86,7 +85,10 @@ class PrepareConfig(StageConfig):
         1024, ge=1, description="Training max_length in tokens; rows above it are counted in the audit."
     )
     length_sample: int = Field(
-        0, ge=0, description="Measure token lengths on a seeded sample of this many rows (0 = every row)."
+        10000,
+        ge=0,
+        description="Token-length percentiles from a seeded sample of this many rows (0 = every row); rows that "
+        "could exceed max_length are always measured.",
     )
     pii: bool = Field(
         False, description="Scan for emails, phone numbers and card-like numbers and flag them in the audit."
@@ -118,27 +120,6 @@ class BadRowsError(TuneshipError):
         self.bad_rows = bad_rows
 
 
-def dataset_sha256(paths: Sequence[str | os.PathLike]) -> str:
-    """The dataset hash that `data prepare` and `train` both record: sha256 over the given files in order
-    (train, valid, test), each fed as its byte length in decimal, a newline, then its bytes. The length
-    framing makes moving a row from one split to another change the hash."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise TuneshipError(f"dataset file {p} does not exist")
-        h.update(f"{p.stat().st_size}\n".encode())
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
-
-
-def dataset_dir_sha256(directory: str | os.PathLike) -> str:
-    """`dataset_sha256` of DIR/train.jsonl, DIR/valid.jsonl and DIR/test.jsonl."""
-    return dataset_sha256([Path(directory) / f for f in SPLIT_FILES])
-
-
 def _meta_get(meta: dict, key: str):
     node = meta
     for part in key.split("."):
@@ -146,6 +127,15 @@ def _meta_get(meta: dict, key: str):
             return None
         node = node[part]
     return json.dumps(node, sort_keys=True, ensure_ascii=False) if isinstance(node, (dict, list)) else node
+
+
+def _flag_entry(i: int, reason: str, exact: dict, matched: dict, wheres: list[str]) -> dict:
+    entry = {"where": wheres[i], "reason": reason}
+    if reason == "exact_duplicate":
+        entry["duplicate_of"] = wheres[exact[i]]
+    elif reason == "near_duplicate":
+        entry["similar_to"], entry["jaccard"] = wheres[matched[i][0]], round(matched[i][1], 4)
+    return entry
 
 
 def _last_user(example: dict) -> str:
@@ -169,10 +159,9 @@ def read_and_normalize(
     """Read every input and normalize its rows. Returns sources, examples, their locations and bad rows."""
     sources, examples, wheres, bad = [], [], [], []
     for path in inputs:
-        src, raw, unparsable = read_input(str(path))
+        src, items = read_input(str(path))
         sources.append(src)
-        rows: list[RawRow | BadRow] = sorted([*raw, *unparsable], key=lambda r: r.where.line)
-        for r in rows:
+        for r in items:
             if isinstance(r, BadRow):
                 bad.append(r)
                 continue
@@ -277,16 +266,13 @@ def prepare_data(
     tokens: dict = {"measured": 0, "note": "not measured (--model none)"}
     lengths = None
     if cfg.model.lower() != "none":
-        tl = audit_mod.token_lengths(kept_examples, cfg.model, cfg.length_sample, cfg.seed)
-        lengths = tl["lengths"]
-        tokens = {
-            "model": tl["model"],
-            **audit_mod.length_stats(lengths, cfg.max_length, len(kept), tl["sampled"]),
-        }
+        tl = audit_mod.token_lengths(kept_examples, cfg.model, cfg.length_sample, cfg.seed, cfg.max_length)
+        lengths = tl["sample_lengths"]
+        tokens = {"model": tl["model"], **audit_mod.length_stats(tl, cfg.max_length, len(kept))}
         longest = sorted(
             (
                 (int(length), kept[j])
-                for length, j in zip(lengths, tl["rows"], strict=True)
+                for length, j in zip(tl["lengths"], tl["rows"], strict=True)
                 if length > cfg.max_length
             ),
             reverse=True,
@@ -349,6 +335,7 @@ def prepare_data(
             "num_perm": cfg.num_perm,
             "lsh_bands": near.bands,
             "candidates_checked": near.candidates,
+            "seconds": near.seconds,
             "examples": [
                 {
                     "kept": {"where": wheres[c[0]], "text": text_of(c[0])},
@@ -365,6 +352,7 @@ def prepare_data(
                 for c in near.clusters[:EXAMPLES]
             ],
         },
+        "flagged_rows": [_flag_entry(i, r, exact, near.matched, wheres) for i, r in sorted(flags.items())],
         "groups": groups_audit,
         "linked_components": {
             "components": len(comps),

@@ -115,8 +115,8 @@ def _first_char(p: Path) -> str:
     return head[0]
 
 
-def read_input(path: str) -> tuple[Source, list[RawRow], list[BadRow]]:
-    """Read one input. Returns its Source, the parsed rows and the lines that could not be parsed."""
+def read_input(path: str) -> tuple[Source, list[RawRow | BadRow]]:
+    """Read one input: its Source and, in input order, the parsed rows and the lines that could not be parsed."""
     kind = input_kind(path)
     readers = {
         "jsonl": _read_jsonl,
@@ -127,12 +127,9 @@ def read_input(path: str) -> tuple[Source, list[RawRow], list[BadRow]]:
         "datasets_dir": _read_datasets_dir,
         "hub": _read_hub,
     }
-    rows: list[RawRow] = []
-    bad: list[BadRow] = []
-    for item in readers[kind](path, kind):
-        (rows if isinstance(item, RawRow) else bad).append(item)
+    items = list(readers[kind](path, kind))
     digest = sha256_path(path) if kind != "hub" else None
-    return Source(path=str(path), kind=kind, rows=len(rows) + len(bad), sha256=digest), rows, bad
+    return Source(path=str(path), kind=kind, rows=len(items), sha256=digest), items
 
 
 def _read_jsonl(path: str, kind: str) -> Iterator[RawRow | BadRow]:
@@ -141,7 +138,7 @@ def _read_jsonl(path: str, kind: str) -> Iterator[RawRow | BadRow]:
             if not line.strip():
                 continue
             try:
-                yield RawRow(Where(path, n), json.loads(line.rstrip(b"\r\n")))
+                yield RawRow(Where(path, n), json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8")))
             except UnicodeDecodeError:
                 yield BadRow(Where(path, n), "not valid UTF-8")
             except json.JSONDecodeError as e:

@@ -61,6 +61,8 @@ def detect_format(row: dict) -> str:
 
 
 def _text(value: Any, field: str) -> str:
+    if value is None:
+        raise RowError(f"missing field {field!r}")
     if not isinstance(value, str):
         raise RowError(f"field {field!r} must be a string, got {type(value).__name__}")
     text = clean_text(value)

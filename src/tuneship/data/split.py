@@ -49,7 +49,8 @@ def assign_splits(comps: list[list[int]], fractions: tuple[float, ...], seed: in
     rng.shuffle(order)
     order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for comp in order:
+    singles_from = next((i for i, c in enumerate(order) if len(c) == 1), len(order))
+    for comp in order[:singles_from]:
         room = {s: targets[s] - len(out[s]) for s in names}
         fits = [s for s in names if room[s] >= len(comp)]
         if fits:
@@ -57,6 +58,16 @@ def assign_splits(comps: list[list[int]], fractions: tuple[float, ...], seed: in
         else:
             best = max(names, key=lambda s: room[s])
         out[best].extend(comp)
+    # single rows (already shuffled) fill what room is left: valid and test first, train takes the rest
+    singles = [c[0] for c in order[singles_from:]]
+    for s in [s for s in names if s != "train"] + ["train"]:
+        if s not in names:
+            continue
+        take = len(singles) if s == "train" else max(0, min(targets[s] - len(out[s]), len(singles)))
+        out[s].extend(singles[:take])
+        singles = singles[take:]
+    if singles:  # no train split (fraction 0 is refused by the config, but keep the function total)
+        out[names[-1]].extend(singles)
     for s in SPLITS:  # rows in shuffled order, not grouped by component
         rng.shuffle(out[s])
     return out

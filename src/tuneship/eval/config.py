@@ -60,6 +60,11 @@ class EvalConfig(StageConfig):
         description="Where HF and GGUF models run; auto picks cuda when available (HF: bf16 on "
         "cuda, fp32 on cpu).",
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for torch and llama.cpp; unset: every core (os.cpu_count()).",
+    )
     n_ctx: int = Field(default=4096, ge=256, description="Context size for GGUF models (llama.cpp).")
     report_examples: int = Field(default=20, ge=0, description="Examples shown side by side in report.md.")
     allow_pickle: bool = Field(default=False, description="Allow loading pickle weights (can run code).")

@@ -172,6 +172,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         timeout_s=cfg.timeout_s,
         device=cfg.device,
         n_ctx=cfg.n_ctx,
+        threads=cfg.threads,
         seed=cfg.seed,
         allow_pickle=cfg.allow_pickle,
     )
@@ -271,6 +272,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             "p_value": "paired permutation (swap within example), two-sided",
             "seed": cfg.seed,
             "device": cfg.device,
+            "threads": cfg.threads,
             "system_prompt": system,
             "system_prompt_source": source,
             "chat_template_override": cfg.chat_template,

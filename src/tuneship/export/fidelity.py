@@ -24,7 +24,9 @@ def hf_logprobs(model_dir: str | Path, ids_list: list[list[int]]) -> list[np.nda
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, trust_remote_code=False
+    ).eval()
     out = []
     with torch.inference_mode():
         for ids in ids_list:
@@ -33,7 +35,9 @@ def hf_logprobs(model_dir: str | Path, ids_list: list[list[int]]) -> list[np.nda
     return out
 
 
-def gguf_logprobs(gguf_path: str | Path, ids_list: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
+def gguf_logprobs(
+    gguf_path: str | Path, ids_list: list[list[int]], threads: int | None = None
+) -> list[np.ndarray]:
     from llama_cpp import Llama
 
     n_ctx = max(map(len, ids_list)) + 8

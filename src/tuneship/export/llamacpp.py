@@ -187,16 +187,35 @@ def ftype(name: str) -> int:
     return int(value)
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
-    """Quantize a GGUF through llama.cpp's C API (llama_model_quantize), as the llama-quantize tool does."""
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> dict:
+    """Quantize a GGUF through llama.cpp's C API (llama_model_quantize), as the llama-quantize tool does.
+
+    llama.cpp prints a line per tensor that needs a fallback type (for example when a row length is not a
+    multiple of 256 for K-quants); that output is captured and summarized instead of flooding the terminal.
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(quant)
     params.nthread = threads or (os.cpu_count() or 1)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
     if rc != 0 or not dst.exists():
-        raise TuneshipError(f"llama.cpp failed to quantize {src.name} to {quant} (status {rc})")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        raise TuneshipError(
+            f"llama.cpp failed to quantize {src.name} to {quant} (status {rc}): {lines[-1] if lines else ''}"
+        )
+    m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", text)
+    return {"fallback_tensors": int(m.group(1)) if m else 0, "tensors": int(m.group(2)) if m else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,13 +50,17 @@ def template_family(jinja: str | None) -> str:
 
 
 def _chatml(tokenizer) -> str:
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "X"}], tokenize=False, add_generation_prompt=True)
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "X"}], tokenize=False, add_generation_prompt=True
+    )
     head = "<|im_start|>system\n"
     parts = []
     if probe.startswith(head):
         default_system = probe[len(head) : probe.index("<|im_end|>")]
         parts.append(
-            '{{- if ne (index .Messages 0).Role "system" }}<|im_start|>system\n' + default_system + "<|im_end|>\n{{ end }}"
+            '{{- if ne (index .Messages 0).Role "system" }}<|im_start|>system\n'
+            + default_system
+            + "<|im_end|>\n{{ end }}"
         )
     parts.append("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}")
     parts.append("<|im_start|>assistant\n")

@@ -163,7 +163,12 @@ def merge_adapter(
         tokenizer.save_pretrained(tmp)
         del merged, model
         log("verifying merged logits against a fresh base + adapter")
-        check = verify_merge(tmp, base_spec.path, adapter_dir, probe_token_ids(tokenizer, limit=n_probes))
+        check = verify_merge(
+            tmp,
+            base_spec.path,
+            adapter_dir,
+            probe_token_ids(tokenizer, record.get("system_prompt"), limit=n_probes),
+        )
         bound = max(ABS_FLOOR, tolerance * check["adapter_effect_max_abs"])
         log(
             f"max |logit diff| {check['max_abs_diff']:.4g} (bound {bound:.4g}); adapter moves logits by up to "

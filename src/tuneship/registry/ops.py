@@ -257,13 +257,15 @@ def rollback(
     actor: str | None = None,
     root: str | os.PathLike | None = None,
     only_canary: bool = False,
+    canary_version: str | None = None,
 ) -> dict:
     """One transaction, recorded in history:
     - a canary carrying traffic is taken off the route (stable keeps 100%);
     - otherwise stable moves back to the previous stable;
     - with `to`, that version becomes the stable and any canary leaves the route.
     `only_canary` (for automated watchers) refuses anything but ending a canary, so a repeated alarm can
-    never walk the stable back."""
+    never walk the stable back; `canary_version` (vN) further refuses to end any canary but that one, so an
+    alarm about an old canary cannot end a newer experiment."""
     check_name(name)
     root_p = store.registry_root(root)
     conn = store.connect(root_p)
@@ -288,6 +290,10 @@ def rollback(
                 mode, from_v = "to", vtag(stable)
                 previous = r["previous"] + ([stable] if n != stable else [])
                 r.update(stable=n, canary=None, previous=previous, weights=_weights(n, None, 0))
+            elif live_canary and canary_version and canary_version.split("@")[-1] != vtag(canary):
+                raise TuneshipError(
+                    f"nothing to roll back: the canary of {name} is now {vtag(canary)}, not {canary_version}"
+                )
             elif live_canary:
                 mode, from_v, n = "canary", vtag(canary), stable
                 r.update(canary=None, weights=_weights(stable, None, 0))

@@ -74,6 +74,7 @@ def _lineage(record: dict, cfg: dict) -> dict[str, Any]:
     return {
         "base_model": base,
         "lora": {
+            **lora,
             "r": lora.get("r", cfg.get("r")),
             "alpha": lora.get("alpha", cfg.get("lora_alpha")),
             "target_modules": targets,

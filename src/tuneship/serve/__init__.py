@@ -1,27 +1,36 @@
 """Serving: llama.cpp and vLLM backends, and the A/B router in front of a registered name's versions.
 
-Heavy or optional imports (llama_cpp, vllm, torch) stay inside functions; importing this package is cheap.
+Names are imported lazily, so `python -m tuneship.serve.router` and the CLI's --help stay cheap.
 """
 
-from tuneship.serve.backends import LaunchSpec, LoraModule, llamacpp_spec, max_lora_rank_for, vllm_spec
-from tuneship.serve.hashing import pick_random, pick_sticky
-from tuneship.serve.router import Backend, RouterConfig, build_app
-from tuneship.serve.routes import RegistryRouteSource, Route, StaticRouteSource
-from tuneship.serve.watcher import WatcherConfig
+from __future__ import annotations
 
-__all__ = [
-    "Backend",
-    "LaunchSpec",
-    "LoraModule",
-    "RegistryRouteSource",
-    "Route",
-    "RouterConfig",
-    "StaticRouteSource",
-    "WatcherConfig",
-    "build_app",
-    "llamacpp_spec",
-    "max_lora_rank_for",
-    "pick_random",
-    "pick_sticky",
-    "vllm_spec",
-]
+import importlib
+
+_EXPORTS = {
+    "Backend": "tuneship.serve.router",
+    "RouterConfig": "tuneship.serve.router",
+    "build_app": "tuneship.serve.router",
+    "LaunchSpec": "tuneship.serve.backends",
+    "LoraModule": "tuneship.serve.backends",
+    "llamacpp_spec": "tuneship.serve.backends",
+    "max_lora_rank_for": "tuneship.serve.backends",
+    "vllm_spec": "tuneship.serve.backends",
+    "pick_random": "tuneship.serve.hashing",
+    "pick_sticky": "tuneship.serve.hashing",
+    "RegistryRouteSource": "tuneship.serve.routes",
+    "Route": "tuneship.serve.routes",
+    "StaticRouteSource": "tuneship.serve.routes",
+    "WatcherConfig": "tuneship.serve.watcher",
+    "Supervisor": "tuneship.serve.launch",
+    "plan_registry": "tuneship.serve.launch",
+    "plan_gguf": "tuneship.serve.launch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tuneship.serve' has no attribute {name!r}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from tuneship.cli import emit, json_option
@@ -116,23 +114,22 @@ def serve(
     env: dict[str, str] = {}
     if api_key:
         env[API_KEY_ENV] = api_key
-    plan = _plan(
-        target,
-        backend,
-        host,
-        port,
-        backend_host,
-        root,
-        quant,
-        n_ctx,
-        threads,
-        api_key,
-        cooldown,
-        rollback_threshold,
-        min_samples,
-        json_signal,
-        no_watcher,
+    router_options = ["--cooldown", str(cooldown), "--rollback-threshold", str(rollback_threshold)]
+    router_options += ["--min-samples", str(min_samples)]
+    router_options += (["--json-signal"] if json_signal else []) + (["--no-watcher"] if no_watcher else [])
+    options = launch.ServeOptions(
+        backend=backend,
+        host=host,
+        port=port,
+        backend_host=backend_host,
+        root=root,
+        quant=quant,
+        n_ctx=n_ctx,
+        threads=threads,
+        api_key_env=API_KEY_ENV if api_key else None,
+        router_options=router_options,
     )
+    plan = launch.plan_target(target, options)
     if plan.backend == "vllm" and not dry_run and not (launch.has_gpu() and launch.vllm_importable()):
         plan.runnable = False
         plan.notes.append(
@@ -155,113 +152,6 @@ def serve(
     code = launch.run_until_signal(sup, on_ready=ready)
     if code:
         raise TuneshipError(f"a serving process died; see the logs in {sup.log_dir}")
-
-
-def _plan(
-    target,
-    backend,
-    host,
-    port,
-    backend_host,
-    root,
-    quant,
-    n_ctx,
-    threads,
-    api_key,
-    cooldown,
-    rollback_threshold,
-    min_samples,
-    json_signal,
-    no_watcher,
-):
-    from tuneship.serve import launch
-    from tuneship.serve.backends import LoraModule, vllm_merged_spec, vllm_spec
-
-    p = Path(target)
-    if p.suffix == ".gguf":
-        if backend == "vllm":
-            raise TuneshipError(
-                "a .gguf is served by llama.cpp; drop --backend vllm (vLLM serves adapter or merged directories)"
-            )
-        plan = launch.plan_gguf(p, host, port, n_ctx=n_ctx, threads=threads)
-        if api_key:  # llama-cpp-python reads its settings from the environment too; keep the key out of argv
-            plan.specs[0].env_from["API_KEY"] = API_KEY_ENV
-            plan.notes.append(f"the server requires the bearer key from ${API_KEY_ENV}")
-        return plan
-    if p.is_dir():
-        if backend == "llamacpp":
-            raise TuneshipError(
-                f"llama.cpp serves GGUF files; export {p} first with `tuneship export gguf`, then serve the .gguf"
-            )
-        from tuneship.artifacts import read_record
-
-        if (p / "adapter_config.json").exists():
-            from tuneship.models import adapter_base_spec, resolve
-
-            base_spec = adapter_base_spec(p)
-            base = (
-                resolve(base_spec).identity
-                if base_spec.startswith("bundled:")
-                else {"spec": base_spec, "id": base_spec}
-            )
-            record = read_record(p) if (p / "tuneship.json").exists() else {}
-            r = (record.get("lora") or {}).get("r")
-            if r is None:
-                import json
-
-                r = json.loads((p / "adapter_config.json").read_text()).get("r")
-            name = p.name
-            spec = vllm_spec(
-                launch.vllm_base_arg(base),
-                record.get("base_model") or base,
-                [LoraModule(name, str(p.resolve()), record.get("base_model") or base, r)],
-                host=host,
-                port=port,
-                label=name,
-            )
-            return launch.ServePlan(target, "adapter", "vllm", [spec], spec.url, name)
-        if (p / "config.json").exists():
-            spec = vllm_merged_spec(str(p.resolve()), p.name, host=host, port=port)
-            return launch.ServePlan(target, "merged", "vllm", [spec], spec.url, p.name)
-        raise TuneshipError(
-            f"{p} is neither an adapter (adapter_config.json) nor a merged model (config.json)"
-        )
-    if p.exists():
-        raise TuneshipError(
-            f"{p} is a file but not a .gguf; serve a .gguf, an adapter or merged directory, or a registered name"
-        )
-    from tuneship.registry import check_name
-
-    if "/" in target or target.startswith("."):
-        raise TuneshipError(
-            f"{target} does not exist; serve a .gguf, an adapter or merged directory, or a registered name"
-        )
-    check_name(target)
-    options = [
-        "--cooldown",
-        str(cooldown),
-        "--rollback-threshold",
-        str(rollback_threshold),
-        "--min-samples",
-        str(min_samples),
-    ]
-    if json_signal:
-        options.append("--json-signal")
-    if no_watcher:
-        options.append("--no-watcher")
-    return launch.plan_registry(
-        target,
-        root,
-        backend or "llamacpp",
-        host,
-        port,
-        backend_host=backend_host,
-        quant=quant,
-        n_ctx=n_ctx,
-        threads=threads,
-        api_key_env=API_KEY_ENV if api_key else None,
-        router_options=options,
-    )
 
 
 def _human(plan, dry_run: bool) -> str:

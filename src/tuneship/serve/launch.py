@@ -10,6 +10,7 @@ supervisor itself dies (PR_SET_PDEATHSIG), so no backend outlives it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,9 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneship.artifacts import RECORD
 from tuneship.errors import TuneshipError
 from tuneship.progress import log
-from tuneship.serve.backends import LaunchSpec, LoraModule, llamacpp_spec, vllm_spec
+from tuneship.serve.backends import LaunchSpec, LoraModule, llamacpp_spec, vllm_merged_spec, vllm_spec
 
 DEFAULT_QUANT = "Q4_K_M"
 
@@ -134,7 +136,7 @@ def plan_registry(
 
     route = registry.export_route(name, root=root)
     versions: dict[str, dict] = route["versions"]
-    root_arg = str(registry.registry_root(root))
+    root_arg = str(registry.registry_root(root).resolve())
     ports = list(ports or [])
     specs: list[LaunchSpec] = []
     backends: dict[str, tuple[str, str]] = {}
@@ -175,6 +177,90 @@ def plan_registry(
         f"route revision {route['revision']}: weights {route['weights']} (stable {route['stable']}, canary {route['canary']})"
     ]
     return ServePlan(name, "registry", backend, specs, rspec.url, name, notes=notes)
+
+
+@dataclass
+class ServeOptions:
+    backend: str | None = None  # llamacpp | vllm; None: llamacpp for a GGUF or a name, vllm for a directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend_host: str = "127.0.0.1"
+    root: str | None = None
+    quant: str = DEFAULT_QUANT
+    n_ctx: int = 2048
+    threads: int | None = None
+    api_key_env: str | None = None  # the variable holding the bearer key, when one is required
+    router_options: list[str] = field(default_factory=list)
+
+
+def plan_target(target: str, o: ServeOptions) -> ServePlan:
+    """What `tuneship serve TARGET` runs: a .gguf, an adapter or merged directory, or a registered name."""
+    from tuneship.registry import check_name
+
+    p = Path(target)
+    if p.suffix == ".gguf":
+        if o.backend == "vllm":
+            raise TuneshipError(
+                "a .gguf is served by llama.cpp; drop --backend vllm (vLLM serves adapter or merged directories)"
+            )
+        plan = plan_gguf(p, o.host, o.port, n_ctx=o.n_ctx, threads=o.threads)
+        if (
+            o.api_key_env
+        ):  # llama-cpp-python reads its settings from the environment too: the key stays out of argv
+            plan.specs[0].env_from["API_KEY"] = o.api_key_env
+            plan.notes.append(f"the server requires the bearer key from ${o.api_key_env}")
+        return plan
+    if p.is_dir():
+        if o.backend == "llamacpp":
+            raise TuneshipError(
+                f"llama.cpp serves GGUF files; export {p} first with `tuneship export gguf`, then serve the .gguf"
+            )
+        if (p / "adapter_config.json").is_file():
+            return plan_adapter_dir(p, o.host, o.port)
+        if (p / "config.json").is_file():
+            spec = vllm_merged_spec(str(p.resolve()), p.name, host=o.host, port=o.port)
+            return ServePlan(target, "merged", "vllm", [spec], spec.url, p.name)
+        raise TuneshipError(
+            f"{p} is neither an adapter (adapter_config.json) nor a merged model (config.json)"
+        )
+    if p.exists() or "/" in target or target.startswith("."):
+        what = "is a file but not a .gguf" if p.exists() else "does not exist"
+        raise TuneshipError(
+            f"{target} {what}; serve a .gguf, an adapter or merged directory, or a registered name"
+        )
+    check_name(target)
+    return plan_registry(
+        target,
+        o.root,
+        o.backend or "llamacpp",
+        o.host,
+        o.port,
+        backend_host=o.backend_host,
+        quant=o.quant,
+        n_ctx=o.n_ctx,
+        threads=o.threads,
+        api_key_env=o.api_key_env,
+        router_options=o.router_options,
+    )
+
+
+def plan_adapter_dir(path: Path, host: str, port: int) -> ServePlan:
+    """vLLM with one adapter directory as a LoRA module on its recorded base."""
+    from tuneship.models import adapter_base_spec
+
+    record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
+    base = record.get("base_model") or {"spec": adapter_base_spec(path), "id": adapter_base_spec(path)}
+    r = (record.get("lora") or {}).get("r") or json.loads((path / "adapter_config.json").read_text()).get("r")
+    name = path.name
+    spec = vllm_spec(
+        vllm_base_arg(base),
+        base,
+        [LoraModule(name, str(path.resolve()), base, r)],
+        host=host,
+        port=port,
+        label=name,
+    )
+    return ServePlan(str(path), "adapter", "vllm", [spec], spec.url, name)
 
 
 def has_gpu() -> bool:

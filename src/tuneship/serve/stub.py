@@ -125,6 +125,7 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
+        self.app = app
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"

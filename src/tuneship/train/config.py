@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from tuneship.config import StageConfig
 from tuneship.models import DEFAULT_MODEL
+from tuneship.train.distributed import DistributedSection
 from tuneship.train.speed import SpeedConfig
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -49,6 +51,10 @@ class QuantSection(StageConfig):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Compute dtype; bfloat16 falls back to float16 on GPUs without bf16, with a log line."
     )
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype the packed 4-bit weights are stored in: auto = the compute dtype; FSDP needs exactly that.",
+    )
 
 
 class TrainConfig(StageConfig):
@@ -79,6 +85,20 @@ class TrainConfig(StageConfig):
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) base weights. Off: they can run code.")
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    @field_validator("distributed")
+    @classmethod
+    def _fsdp_storage_matches_compute(cls, d: DistributedSection, info: ValidationInfo):
+        q = info.data.get("quant")
+        if q and d.mode == "fsdp" and q.load_in_4bit and q.quant_storage not in ("auto", q.compute_dtype):
+            raise PydanticCustomError(
+                "fsdp_storage",
+                "mode=fsdp with 4-bit weights needs quant.quant_storage equal to quant.compute_dtype ({c}), not {s}: "
+                "FSDP shards only layers of one float dtype; set quant.quant_storage=auto",
+                {"c": q.compute_dtype, "s": q.quant_storage},
+            )
+        return d
 
     def system_prompt(self) -> str | None:
         if self.data.system_prompt_file:

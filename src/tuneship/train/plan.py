@@ -50,7 +50,9 @@ SLACK = 1.08  # allocator fragmentation over the peak of live tensors
 
 # Bytes of logits-related tensors per token and vocabulary entry for the stock full-logits loss
 # (logits, their fp32 copy, log-softmax, and the gradients of both), fitted on the reference measurements.
-FULL_LOGITS_BYTES = {"bf16_head": 40.0, "fp32_head": 58.0}
+FULL_LOGITS_BYTES = {"bf16_head": 12.0, "fp32_head": 11.0}
+# peft's fp32 upcast makes the residual stream, norms, attention and LoRA inputs fp32 (measured: x2.65 bytes)
+UPCAST_ACTIVATIONS = 2.65
 FUSED_TOKEN_TILE = 4096  # TRL's fused LM head: tokens per tile
 FUSED_VOCAB_CHUNK = 32768  # ... and vocabulary entries per chunk
 
@@ -154,7 +156,7 @@ BUILTIN: dict[str, ModelShape] = {
 def builtin_shape(spec: str) -> ModelShape | None:
     """A built-in shape for names like `qwen2.5-7b`, `Qwen/Qwen2.5-7B-Instruct`, `bundled:smollm2-135m-instruct`."""
     s = spec.lower().split("/")[-1].removeprefix("bundled:")
-    s = s.replace("meta-llama-", "").replace("llama-3.1-", "llama-3-").replace("_", "-")
+    s = s.replace("_", "-").removeprefix("meta-").replace("llama-3.1-", "llama-3-")
     for key in sorted(BUILTIN, key=len, reverse=True):
         if re.match(re.escape(key) + r"($|[-.])", s) or s.startswith(key):
             return BUILTIN[key]
@@ -184,7 +186,7 @@ class RecipeOptions:
         "down_proj",
     )
     lora_fp32: bool = False  # TRL casts QLoRA adapters to bf16; the stock recipe keeps peft's fp32
-    optim_bytes: float = 2.0  # 8-bit Adam: two 1-byte states per parameter
+    optim_bytes: float = 8.0  # fused AdamW: two fp32 states per parameter (8-bit Adam: 2.0)
     act_bytes: int = 2  # bf16 / fp16
 
     @classmethod
@@ -199,7 +201,7 @@ class RecipeOptions:
             liger_rms_norm=on and speed.liger_rms_norm,
             liger_swiglu=on and speed.liger_swiglu,
             liger_rope=on and speed.liger_rope,
-            **kw,
+            **({"optim_bytes": 8.0 if on and getattr(speed, "fused_optimizer", False) else 2.0} | kw),
         )
 
     @classmethod
@@ -213,6 +215,7 @@ class RecipeOptions:
             liger_swiglu=False,
             liger_rope=False,
             lora_fp32=True,
+            optim_bytes=2.0,
         )
         return cls(**(base | kw))
 
@@ -260,18 +263,18 @@ def lora_bytes(shape: ModelShape, o: RecipeOptions) -> float:
 def layer_activation_elems(shape: ModelShape, o: RecipeOptions) -> float:
     """Elements (of act_bytes each) one decoder layer saves per token for backward, without checkpointing."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    # norm inputs and outputs (the outputs feed the LoRA A matmuls), q/k/v for attention, its output and the
-    # o_proj input copy, the MLP's gate and up outputs and the down_proj input.
-    elems = 4 * h + q + 2 * kv + 2 * q + 3 * i
+    # the residual stream and the norm outputs (which feed the LoRA A matmuls), q/k/v for attention, its output and
+    # the o_proj input, the MLP's gate and up outputs and the down_proj input (fitted on H100 measurements).
+    elems = 4 * h + 2 * q + 2 * kv + 3 * i
     if not o.liger_swiglu:
         elems += i  # silu(gate) kept besides gate and up
     if not o.liger_rms_norm:
-        elems += 2 * 3 * h  # fp32 input copy and normalized fp32 output, per norm
+        elems += h  # the fp32 normalized copies
     if not o.liger_rope:
         elems += q + kv  # pre-rotation q and k
     elems += sum(o.lora_r for _ in o.lora_targets)
     if o.upcast:
-        elems *= 2  # the residual stream and the norm outputs become fp32
+        elems *= UPCAST_ACTIVATIONS
     return elems
 
 
@@ -298,8 +301,8 @@ def loss_bytes(shape: ModelShape, batch: int, seq: int, o: RecipeOptions) -> flo
         per = FULL_LOGITS_BYTES["fp32_head" if o.upcast else "bf16_head"]
         return tokens * shape.vocab * per
     tile = min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_CHUNK)
-    # an fp32 logits tile with its bf16 product, plus the fp32 gradient of the hidden states
-    return tile * (4 + 2 + 4) + tokens * shape.hidden * 4
+    # one bf16 logits tile (the online log-sum-exp keeps per-token statistics only), plus the hidden states' gradient
+    return tile * 2 + tokens * shape.hidden * o.act_bytes
 
 
 def predict_peak(shape: ModelShape, batch: int, seq: int, o: RecipeOptions) -> Peak:
@@ -318,6 +321,17 @@ def predict_peak(shape: ModelShape, batch: int, seq: int, o: RecipeOptions) -> P
         float(total),
         {"tokens": batch * seq, "lora_params": lora_params(shape, o)},
     )
+
+
+def auto_checkpointing(
+    shape: ModelShape, batch: int, seq: int, base: RecipeOptions, budget_bytes: float
+) -> tuple[str, Peak]:
+    """What checkpointing=auto picks: the cheapest policy whose predicted total fits `budget_bytes`, else full."""
+    for policy in ("off", "selective", "full"):
+        peak = predict_peak(shape, batch, seq, RecipeOptions(**(asdict(base) | {"checkpointing": policy})))
+        if peak.total <= budget_bytes:
+            return policy, peak
+    return "full", peak
 
 
 # Relative step speed of each policy (work per token: off = 4N, selective ~ 5.6N, full = 6N FLOPs-equivalent).

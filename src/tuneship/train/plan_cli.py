@@ -48,7 +48,7 @@ def plan_summary(
 
     shape = model_shape(model or cfg.base_model, model_config)
     seq = seq or cfg.max_length
-    target = target_batch or cfg.batch_size * cfg.grad_accum
+    target = target_batch if target_batch is not None else cfg.batch_size * cfg.grad_accum
     modules = cfg.lora.modules()
     targets = tuple(m for m in shape.linear_shapes() if modules == "all-linear" or m in modules)
     base = RecipeOptions.from_speed(
@@ -57,7 +57,9 @@ def plan_summary(
         double_quant=cfg.quant.double_quant,
         lora_r=cfg.lora.r,
         lora_targets=targets,
-        optim_bytes=2.0 if "8bit" in cfg.optim else 8.0,
+        optim_bytes=8.0
+        if (cfg.speed.enabled and cfg.speed.fused_optimizer) or "8bit" not in cfg.optim
+        else 2.0,
     )
     if cfg.speed.enabled and cfg.speed.checkpointing not in ("auto",):
         policies: tuple[str, ...] = (cfg.speed.checkpointing,)

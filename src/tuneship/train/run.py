@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneship.artifacts import RECORD, atomic_dir, read_record, sha256_file, write_record
+from tuneship.artifacts import RECORD, atomic_dir, read_record, write_record
 from tuneship.errors import TuneshipError
 from tuneship.progress import log
+from tuneship.train import distributed
 from tuneship.train.config import TrainConfig
 
 
@@ -55,7 +56,7 @@ def compute_dtype(cfg: TrainConfig, device: str, notes: list[str]):
 
 def dataset_sha256(cfg: TrainConfig) -> str:
     """The dataset's hash: from the dataset record beside the train file (written by `data prepare` or
-    `data demo`) when there is one, else a hash of the train and valid files."""
+    `data demo`) when there is one, else the same framed hash over the train and valid files."""
     train = Path(cfg.data.train)
     rec = train.parent / RECORD
     if rec.exists():
@@ -65,10 +66,9 @@ def dataset_sha256(cfg: TrainConfig) -> str:
                 return data["sha256"]
         except TuneshipError:
             pass
-    from tuneship.artifacts import sha256_bytes
+    from tuneship.data.hashing import dataset_sha256 as files_sha256
 
-    parts = [sha256_file(train)] + ([sha256_file(cfg.data.valid)] if cfg.data.valid else [])
-    return sha256_bytes("\n".join(parts))
+    return files_sha256([train] + ([Path(cfg.data.valid)] if cfg.data.valid else []))
 
 
 def load_rows(path: str, cfg: TrainConfig, system: str | None):
@@ -94,7 +94,7 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
     notes: list[str] = []
     device = pick_device(cfg)
     if device == "cpu":
-        torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(distributed.cpu_threads(cfg))
     base = resolve(cfg.base_model, allow_pickle=cfg.allow_pickle)
     if base.kind != "hf":
         raise TuneshipError(f"base_model {cfg.base_model!r} is a {base.kind}; training needs an HF checkpoint or bundled:NAME")
@@ -116,7 +116,7 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
             bnb_4bit_quant_type=cfg.quant.quant_type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
+            bnb_4bit_quant_storage=dtype if cfg.quant.quant_storage == "auto" else getattr(torch, cfg.quant.quant_storage),
         )
     model_kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
 
@@ -156,9 +156,10 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
         dataset_num_proc=None,
     )
     notes += speed.apply_speed(cfg.speed, device, model_kwargs, sft_kwargs)
+    notes += distributed.apply(cfg, device, dtype, model_kwargs, sft_kwargs)
 
     model = AutoModelForCausalLM.from_pretrained(base.path, **model_kwargs)
-    if cfg.quant.load_in_4bit:
+    if cfg.quant.load_in_4bit and cfg.distributed.mode != "fsdp":  # FSDP: no fp32 upcast, one dtype throughout
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -182,7 +183,7 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
         processing_class=tok,
         peft_config=lora,
     )
-    for n in notes:
+    for n in notes if distributed.is_main() else []:
         log(n)
     return Setup(trainer, tok, base, device, notes, len(train_ds), system)
 
@@ -201,11 +202,9 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, register: str | None = None,
-              registry_root: str | None = None) -> dict:
-    """Train, then write the adapter atomically. Returns the run's summary (also stored in the record)."""
-    from tuneship.models import chat_template_info
-
+def check_inputs(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 register: str | None = None) -> tuple[Path, str | None]:
+    """The checks that need no model, run before any process starts: returns (run dir, checkpoint to resume)."""
     out = Path(cfg.output_dir)
     if out.exists() and not overwrite:
         raise TuneshipError(f"output {out} already exists; choose another output_dir or pass --overwrite")
@@ -221,23 +220,47 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
     ckpt = last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise TuneshipError(f"--resume: no checkpoint in {run_dir}; start without --resume")
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    return run_dir, ckpt
+
+
+def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, register: str | None = None,
+              registry_root: str | None = None) -> dict:
+    """Train, then write the adapter atomically. Returns the run's summary (also stored in the record).
+
+    Inside a launched worker (see `tuneship.train.distributed`) every rank trains; rank 0 alone prepares and
+    removes the run dir and writes the adapter and its record; the others wait at barriers and return {"rank": N}."""
+    from tuneship.models import chat_template_info
+
+    out = Path(cfg.output_dir)
+    run_dir, ckpt = check_inputs(cfg, resume, overwrite, register)
+    main = distributed.is_main()
+    distributed.init(cfg, pick_device(cfg))
+    if main:
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    distributed.barrier()
 
     t0 = time.time()
     setup = build(cfg, run_dir)
     trainer = setup.trainer
-    if ckpt:
+    if ckpt and main:
         log(f"resuming from {ckpt}")
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.time() - t0
+    state = distributed.adapter_state(cfg, trainer)  # a collective under FSDP; None otherwise
+    digest = distributed.lora_digest(trainer.model, state) if state is None or main else None
+    per_rank = distributed.gather({"lora_sha256": digest, "peak_mem_gib": round(peak_memory_gib(setup.device), 3)})
+    if not main:
+        distributed.finish()
+        return {"rank": distributed.rank()}
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)  # summed over the ranks by the Trainer
     train_seconds = result.metrics.get("train_runtime") or wall
+    world = distributed.world_size()
     metrics = {
         "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss,
@@ -245,32 +268,45 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
         "steps": trainer.state.global_step,
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None,
-        "peak_mem_gib": round(peak_memory_gib(setup.device), 3),
+        "peak_mem_gib": max(r["peak_mem_gib"] for r in per_rank),
         "wall_s": round(wall, 1),
         "train_s": round(train_seconds, 1),
         "device": setup.device,
         "resumed_from": Path(ckpt).name if ckpt else None,
+        "world_size": world,
     }
+    if distributed.in_worker():
+        metrics["distributed"] = {
+            "mode": cfg.distributed.mode,
+            "backend": distributed.backend(cfg, setup.device),
+            "tokens_per_s_per_process": round(tokens / train_seconds / world, 1) if train_seconds else None,
+            "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
+            "lora_sha256_per_rank": [r["lora_sha256"] for r in per_rank],
+        }
     template = chat_template_info(setup.tokenizer)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        setup.tokenizer.save_pretrained(tmp)
-        (tmp / "log_history.json").write_text(json.dumps(history, indent=1))
-        plot_loss(history, tmp / "loss_curve.png")
-        record = write_record(
-            tmp,
-            "adapter",
-            base_model=setup.base.identity,
-            dataset_sha256=dataset_sha256(cfg),
-            data_files={k: str(getattr(cfg.data, k)) for k in ("train", "valid") if getattr(cfg.data, k)},
-            system_prompt=setup.system_prompt,
-            **template,
-            lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.modules(), "dropout": cfg.lora.dropout},
-            config=cfg.model_dump(),
-            metrics=metrics,
-            notes=setup.notes,
-        )
-    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            model = trainer.accelerator.unwrap_model(trainer.model) if state is not None else trainer.model
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
+            setup.tokenizer.save_pretrained(tmp)
+            (tmp / "log_history.json").write_text(json.dumps(history, indent=1))
+            plot_loss(history, tmp / "loss_curve.png")
+            record = write_record(
+                tmp,
+                "adapter",
+                base_model=setup.base.identity,
+                dataset_sha256=dataset_sha256(cfg),
+                data_files={k: str(getattr(cfg.data, k)) for k in ("train", "valid") if getattr(cfg.data, k)},
+                system_prompt=setup.system_prompt,
+                **template,
+                lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.modules(), "dropout": cfg.lora.dropout},
+                config=cfg.model_dump(),
+                metrics=metrics,
+                notes=setup.notes,
+            )
+        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        distributed.finish()
     summary = {"adapter_dir": str(out), **metrics}
     if register:
         from tuneship.registry import add_version
@@ -290,9 +326,9 @@ def plot_loss(history: list[dict], path: Path) -> None:
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", marker=".")
+        ax.plot(*zip(*train, strict=True), label="train loss", marker=".")
     if evals:
-        ax.plot(*zip(*evals), label="valid loss", marker="o")
+        ax.plot(*zip(*evals, strict=True), label="valid loss", marker="o")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

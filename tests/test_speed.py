@@ -1,0 +1,202 @@
+"""The train stage's GPU levers: on the CPU they switch themselves off with a reason; the fused LoRA add is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneship.config import load_config
+from tuneship.errors import TuneshipError
+from tuneship.train.speed import SpeedConfig, apply_speed, patch_model
+
+TINY_QWEN = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+}
+
+
+def sft_defaults() -> dict:
+    return {
+        "per_device_train_batch_size": 8,
+        "max_length": 512,
+        "optim": "paged_adamw_8bit",
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+
+
+def test_every_field_has_a_description():
+    for name, field in SpeedConfig.model_fields.items():
+        assert field.description and len(field.description) > 10, name
+
+
+def test_on_the_cpu_gpu_levers_switch_off_with_a_reason():
+    cfg = SpeedConfig(padding_free=True, torch_compile=True)
+    model_kwargs: dict = {}
+    sft = sft_defaults()
+    notes = apply_speed(cfg, "cpu", model_kwargs, sft)
+    assert model_kwargs["attn_implementation"] == "sdpa"
+    assert sft["optim"] == "paged_adamw_8bit"  # fused AdamW is a GPU lever
+    assert "padding_free" not in sft and "torch_compile" not in sft
+    assert (
+        sft["gradient_checkpointing"] is True
+    )  # checkpointing=auto keeps the train config's choice on the CPU
+    text = "\n".join(notes)
+    assert "padding_free is off on the CPU" in text and "torch_compile is off on the CPU" in text
+
+
+def test_checkpointing_off_and_selective_edit_the_sft_kwargs():
+    sft = sft_defaults()
+    apply_speed(SpeedConfig(checkpointing="off"), "cpu", {}, sft)
+    assert sft["gradient_checkpointing"] is False and sft["gradient_checkpointing_kwargs"] is None
+    sft = sft_defaults()
+    notes = apply_speed(SpeedConfig(checkpointing="selective"), "cpu", {}, sft)
+    assert sft["gradient_checkpointing"] is True and "selective" not in sft["gradient_checkpointing_kwargs"]
+    assert any("selective checkpointing is a GPU lever" in n for n in notes)
+
+
+def test_disabled_gives_the_stock_recipe():
+    sft = sft_defaults()
+    mk: dict = {}
+    notes = apply_speed(SpeedConfig(enabled=False), "cuda", mk, sft)
+    assert mk["attn_implementation"] == "sdpa" and sft == sft_defaults()
+    assert "stock recipe" in notes[0]
+
+
+def test_flash_attention_on_the_cpu_is_a_user_error():
+    with pytest.raises(TuneshipError, match="needs a CUDA GPU"):
+        apply_speed(SpeedConfig(attn_implementation="flash_attention_2"), "cpu", {}, sft_defaults())
+
+
+def test_bad_values_name_the_key_and_the_allowed_values():
+    from tuneship.train.config import TrainConfig
+
+    with pytest.raises(TuneshipError) as e:
+        load_config(TrainConfig, overrides=["speed.checkpointing=sometimes"])
+    assert "speed.checkpointing" in str(e.value) and "selective" in str(e.value)
+    cfg = load_config(TrainConfig, overrides=["speed.liger_swiglu=false"])
+    assert cfg.speed.liger_swiglu is False and cfg.speed.liger_rms_norm is True
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-qwen")
+    (d / "config.json").write_text(json.dumps(TINY_QWEN))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d), dtype=torch.float32).save_pretrained(d)
+    return d
+
+
+def load_4bit(path, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=q, device_map={"": "cpu"}
+    )
+
+
+def test_patch_model_on_the_cpu_leaves_the_model_alone(tiny_dir):
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    m = prepare_model_for_kbit_training(load_4bit(tiny_dir, torch.bfloat16), use_gradient_checkpointing=True)
+    before = {n: p.dtype for n, p in m.named_parameters()}
+    cfg = SpeedConfig()
+    apply_speed(cfg, "cpu", {}, sft_defaults())
+    notes = patch_model(cfg, m, "cpu")
+    assert {n: p.dtype for n, p in m.named_parameters()} == before
+    assert any("GPU levers; off on the CPU" in n for n in notes)
+
+
+def test_cast_frozen_to_undoes_peft_upcast_but_keeps_4bit_weights(tiny_dir):
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from tuneship.train.speed import cast_frozen_to
+
+    m = prepare_model_for_kbit_training(load_4bit(tiny_dir, torch.bfloat16), use_gradient_checkpointing=False)
+    fp32 = [n for n, p in m.named_parameters() if p.dtype == torch.float32]
+    assert fp32  # peft upcast the norms and the embeddings
+    assert cast_frozen_to(m, torch.bfloat16) == len(fp32)
+    assert not [n for n, p in m.named_parameters() if p.dtype == torch.float32]
+    assert any(p.__class__.__name__ == "Params4bit" for p in m.parameters())
+
+
+def test_fused_lora_add_matches_peft_forward_and_gradients(tiny_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuneship.train import speed
+
+    def run(m, x):
+        m.zero_grad()
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    m = load_4bit(tiny_dir, torch.float32)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )  # non-zero B, so the LoRA branch matters
+    m = get_peft_model(m, lora)
+    x = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
+    speed.disable_fused_lora()
+    try:
+        l0, g0 = run(m, x)
+        assert speed.enable_fused_lora()
+        calls = []
+        layer = next(
+            mod for mod in m.modules() if type(mod).__name__ == "Linear4bit" and hasattr(mod, "lora_A")
+        )
+        layer.register_forward_hook(lambda *a: calls.append(1))
+        l1, g1 = run(m, x)
+    finally:
+        speed.disable_fused_lora()
+    assert calls and type(layer).forward is not speed._fused_lora_forward  # restored
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # and the LoRA branch is really there: with the adapter off the loss differs
+    with m.disable_adapter():
+        assert m(input_ids=x, labels=x).loss.item() != pytest.approx(l0, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_levers_switch_on(tiny_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sft = sft_defaults()
+    mk: dict = {}
+    cfg = SpeedConfig()
+    notes = apply_speed(cfg, "cuda", mk, sft, model_config=tiny_dir)
+    assert sft["optim"] == "adamw_torch_fused"
+    assert sft["gradient_checkpointing"] is False  # a tiny model's activations fit any card
+    assert any("checkpointing=auto chose off" in n for n in notes)
