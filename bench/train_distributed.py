@@ -108,6 +108,8 @@ def build_model(path: Path, tiny: bool) -> None:
             shutil.copy2(BENCH / "tokenizer" / name, tmp / name)
     tmp.rename(path)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs are separate processes: leave them the whole card
     log(
         f"built {'tiny' if tiny else 'Qwen2.5-1.5B-shaped'} random model at {path} in {time.time() - t0:.0f} s"
     )

@@ -1,7 +1,12 @@
 """QLoRA training speed and memory: the stock Hugging Face recipe against tuneship's GPU levers, in one run.
 
-    python bench/train_speed.py                 # on a GPU: the full benchmark (about 6-8 minutes on an H100)
+    python bench/train_speed.py --profile --curve-spread   # on a GPU, one device call of at most ~9.5 minutes
+    python bench/train_speed.py --only stock,tuneship,no_liger --no-curve   # a subset
     python bench/train_speed.py --tiny          # a tiny model on the CPU: checks that the script runs
+
+Order: the lever ladder (CORE), then the loss curve, the largest batch, then the other variants while the
+--budget (540 s) lasts; what did not fit is recorded as skipped. On the H100 every variant costs ~25-35 s
+(mostly loading), the curve ~75 s per recipe; bench/results/README.md says what was measured.
 
 The model has Qwen2.5-1.5B's shape with random weights (speed and memory do not depend on the values). Each
 variant runs in its own process (clean memory peak, no monkey-patches leaking between variants):
@@ -168,7 +173,8 @@ def load(variant: str, path: Path, device: str, bs: int, seq: int):
         m = get_peft_model(m, lora)
         if variant == "stock_train":
             m.train()  # the Trainer trains in train mode, where checkpointing is active
-        notes = [f"stock recipe, {'train' if m.training else 'eval'} mode"]
+        layer_mode = "train" if m.get_base_model().model.layers[0].training else "eval"
+        notes = [f"stock recipe, layers in {layer_mode} mode"]
         return m, lambda x: m(input_ids=x, labels=x).loss, notes, False, "paged_adamw_8bit"
 
     # The train stage's path (tuneship/train/run.py build()), step for step.
@@ -457,15 +463,51 @@ def sub(
     }
 
 
+def smooth(xs: list[float], k: int = 10) -> list[float]:
+    return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
+
+
 def compare(s: dict, t: dict) -> dict:
     d = [abs(x - y) for x, y in zip(s["losses"], t["losses"], strict=True)]
+    ds = [abs(x - y) for x, y in zip(smooth(s["losses"]), smooth(t["losses"]), strict=True)]
     return {
+        "max_abs_diff_smoothed10": round(max(ds), 5),
         "max_abs_diff": round(max(d), 5),
         "mean_abs_diff": round(sum(d) / len(d), 5),
         "max_rel_diff": round(max(di / abs(x) for di, x in zip(d, s["losses"], strict=True)), 5),
         "first_last": [t["losses"][0], t["losses"][-1]],
         "stock_first_last": [s["losses"][0], s["losses"][-1]],
     }
+
+
+def make_tokens(out: Path) -> None:
+    """Token ids of real English text found on this machine (license texts, Python's license, package READMEs),
+    tokenized with the bundled SmolLM2 tokenizer (its ids fit Qwen's vocabulary). Run on the CPU machine; the
+    file travels to the GPU machine in a carried, git-ignored folder (.benchdata/)."""
+    import glob
+    import sysconfig
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from tuneship.models import bundled_checkpoint
+
+    tok = Tokenizer.from_file(str(bundled_checkpoint("smollm2-135m-instruct") / "tokenizer.json"))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(glob.glob("/usr/share/common-licenses/*")) + [str(stdlib / "LICENSE.txt")]
+    files += sorted(glob.glob(str(Path(sysconfig.get_paths()["purelib"]) / "*.dist-info" / "METADATA")))
+    ids: list[int] = []
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8", errors="ignore")
+        except OSError:
+            continue
+        if f.endswith("METADATA"):
+            text = text.split("\n\n", 1)[-1]  # the long description, not the headers
+        ids += tok.encode(text).ids + [0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, np.array(ids, dtype=np.int32))
+    log(f"{len(ids)} token ids from {len(files)} files -> {out}")
 
 
 def versions() -> dict:
@@ -810,6 +852,9 @@ def main() -> None:
     ap.add_argument(
         "--tokens", default=str(ROOT / ".benchdata" / "real_tokens.npy"), help="real-text token ids (.npy)"
     )
+    ap.add_argument(
+        "--make-tokens", action="store_true", help="write the real-text token ids (--tokens) and exit"
+    )
     ap.add_argument("--no-curve", action="store_true", help="skip the real-text loss curve")
     ap.add_argument("--no-largest", action="store_true", help="skip the largest-batch run")
     ap.add_argument(
@@ -829,7 +874,9 @@ def main() -> None:
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     a = ap.parse_args()
-    if a.variant:
+    if a.make_tokens:
+        make_tokens(Path(a.tokens))
+    elif a.variant:
         if not a.tokens or not Path(a.tokens).exists():
             a.tokens = None
         print(json.dumps(run_variant(a)), flush=True)

@@ -481,9 +481,32 @@ def test_gguf_engine_and_endpoint_give_the_same_greedy_answers(
     assert result["baseline_model"]["sha256"] == sha256_file(bundled_gguf)
     assert result["footprint"]["baseline"]["file_bytes"] == bundled_gguf.stat().st_size
     assert result["footprint"]["candidate"]["peak_rss_bytes"] is None  # a server's memory is not ours to see
-    assert result["template"]["baseline"]["stop_tokens"] == ["<|im_end|>"]
+    assert result["template"]["baseline"]["stop_tokens"] == ["<|im_end|>", "<|endoftext|>"]
     assert result["template"]["candidate"]["chat_template_sha256"] is None
     assert result["template_mismatch"] is None
+
+
+def test_exported_gguf_against_its_merged_checkpoint(tmp_path, gguf_export, merged_dir, eval_file):
+    """The export stage's f16 GGUF (llama.cpp) against the merged HF checkpoint it came from: same prompts as
+    trained (from the records), same template, and no significant difference."""
+    gguf = gguf_export / "model-f16.gguf"
+    c = cfg(
+        tmp_path, model=str(gguf), baseline=str(merged_dir), data=str(eval_file), limit=4, max_new_tokens=40
+    )
+    summary = run_eval(c)
+    check_summary(summary, 4, baseline=True)
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    merged_record = read_record(merged_dir)
+    assert result["settings"]["system_prompt"] == merged_record["system_prompt"]
+    assert result["template_mismatch"] is None
+    assert result["template"]["candidate"] == result["template"]["baseline"]
+    assert result["template"]["candidate"]["chat_template_sha256"] == merged_record["chat_template_sha256"]
+    for m in ("exact_match", "field_accuracy"):
+        d = summary["diff"][m]
+        assert d["ci"][0] <= 0 <= d["ci"][1] and d["p_value"] > 0.05, (m, d)
+    rows = samples(tmp_path / "eval")
+    same = sum(r["candidate"]["output"] == r["baseline"]["output"] for r in rows)
+    assert same >= 3, [(r["candidate"]["output"], r["baseline"]["output"]) for r in rows]
 
 
 def test_endpoint_timeout_is_a_clear_error(tmp_path, eval_file):

@@ -27,6 +27,8 @@ def test_gguf_files_and_fidelity(gguf_export, gguf_result, merged_dir):
     assert 0 < q4["kl"] <= max_kl and min_top1 <= q4["top1"] < 1.0
     assert q4["kl"] > f16["kl"]  # quantization costs something; a no-op "quantization" would not
     assert q4["bytes"] < 0.5 * f16["bytes"]
+    # SmolLM2's rows of 576 are not multiples of 256, so llama.cpp falls back from K-quants for many tensors
+    assert 0 < q4["fallback_tensors"] < q4["tensors"]
     for name, info in rec["files"].items():
         assert info["sha256"] == sha256_file(gguf_export / name)
     assert rec["model_file"] == "model-Q4_K_M.gguf"

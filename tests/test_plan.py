@@ -83,7 +83,7 @@ def test_activations_scale_with_tokens_and_checkpointing_saves_most_of_them():
 
 def test_full_logits_dominate_the_stock_recipe_and_the_fused_head_removes_them():
     stock = predict_peak(QWEN15, 8, 1024, RecipeOptions.stock())
-    assert stock.loss > 0.7 * stock.allocated  # 8192 tokens x 151,936 logits in fp32, several copies
+    assert stock.loss > 0.6 * stock.allocated  # 8192 tokens x 151,936 logits in fp32, several copies
     fused = predict_peak(QWEN15, 8, 1024, RecipeOptions(checkpointing="off"))
     assert fused.loss < 2 * GiB
 
@@ -91,9 +91,19 @@ def test_full_logits_dominate_the_stock_recipe_and_the_fused_head_removes_them()
 def test_predictions_are_near_the_h100_measurements():
     # measured by bench/train_speed.py on an H100 (bench/results/train_speed.json), batch 8 x 1024
     off = predict_peak(QWEN15, 8, 1024, RecipeOptions(checkpointing="off")).allocated / GiB
-    assert off == pytest.approx(17.25, rel=0.15)
+    assert off == pytest.approx(17.31, rel=0.1)
     no_liger = RecipeOptions(checkpointing="off", liger_rms_norm=False, liger_swiglu=False, liger_rope=False)
-    assert predict_peak(QWEN15, 8, 1024, no_liger).allocated / GiB == pytest.approx(22.44, rel=0.15)
+    assert predict_peak(QWEN15, 8, 1024, no_liger).allocated / GiB == pytest.approx(22.50, rel=0.1)
+    # and at the largest micro-batch that ran without checkpointing (32 x 1024: 65.23 GiB)
+    assert predict_peak(
+        QWEN15, 32, 1024, RecipeOptions(checkpointing="off")
+    ).allocated / GiB == pytest.approx(65.23, rel=0.1)
+    full = RecipeOptions(checkpointing="full")
+    assert predict_peak(QWEN15, 8, 1024, full).allocated / GiB == pytest.approx(2.73, rel=0.15)
+    # the stock recipe: full logits and peft's fp32 upcast (16.93 GiB with checkpointing active)
+    assert predict_peak(QWEN15, 8, 1024, RecipeOptions.stock()).allocated / GiB == pytest.approx(
+        16.93, rel=0.1
+    )
 
 
 def test_model_shape_from_a_config_json(tmp_path):

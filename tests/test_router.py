@@ -154,7 +154,7 @@ def test_sse_streams_pass_through_unbuffered(stubs, start_router):
 
 def test_failover_to_stable_with_cooldown_and_metrics(stubs, start_router):
     stubs["v2"].app.state.stub.status = 500
-    r = start_router(static_config(stubs, cooldown=0.5))
+    r = start_router(static_config(stubs, cooldown=2.0))
     client = r.client()
     v2_users = [u for u in USERS if pick_sticky(u, {"v1": 90, "v2": 10}) == "v2"]
     assert v2_users
@@ -163,8 +163,8 @@ def test_failover_to_stable_with_cooldown_and_metrics(stubs, start_router):
         assert version == "v1" and answer.model == f"{NAME}-v1"  # served by stable
     calls = stubs["v2"].app.state.stub.calls
     assert calls == 1  # marked down after the first 5xx: the rest skipped it
-    time.sleep(0.6)
     stubs["v2"].app.state.stub.status = 200  # recovered
+    time.sleep(2.1)
     assert ask(client, user=v2_users[0])[0] == "v2"  # tried again after the cool-down
     text = r.get("/metrics").text
     assert f'tuneship_router_errors_total{{kind="http_500",model="{NAME}",version="v2"}} 1.0' in text
@@ -271,7 +271,8 @@ def test_auto_rollback_of_a_bad_canary_is_recorded_in_the_registry(
 
 def test_a_healthy_canary_is_not_rolled_back(stubs, stub_registry, start_router):
     reg.set_weights(NAME, {"v1": 50, "v2": 50}, root=stub_registry)
-    watcher = WatcherConfig(min_samples=20, json_signal=True, interval=0.1)
+    # latency gaps under 0.5 s do not count here: other work on a shared CI box can stall one upstream
+    watcher = WatcherConfig(min_samples=20, json_signal=True, interval=0.1, latency_min_delta=0.5)
     r = start_router(registry_config(stub_registry, stubs, watcher=watcher))
     for i in range(120):
         ask(r.client(), user=f"u{i}")

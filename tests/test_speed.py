@@ -200,3 +200,48 @@ def test_on_a_gpu_the_levers_switch_on(tiny_dir):
     assert sft["optim"] == "adamw_torch_fused"
     assert sft["gradient_checkpointing"] is False  # a tiny model's activations fit any card
     assert any("checkpointing=auto chose off" in n for n in notes)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_checkpointing_is_decided_after_loading_and_the_levers_apply(tiny_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tuneship.train import speed
+
+    cfg = SpeedConfig()
+    sft = sft_defaults()
+    mk: dict = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+    mk["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    notes = apply_speed(cfg, "cuda", mk, sft)  # no model_config: decided in patch_model
+    assert sft["gradient_checkpointing"] is True
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir, **mk)
+    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
+    notes += patch_model(cfg, m, "cuda")
+    assert sft["gradient_checkpointing"] is False and not m.is_gradient_checkpointing
+    assert any("checkpointing=auto chose off" in n for n in notes)
+    assert not [n for n, p in m.named_parameters() if p.dtype == torch.float32]  # keep_bf16 undid the upcast
+    m = get_peft_model(
+        m,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False
+        ),
+    )
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    x = torch.randint(0, 1024, (2, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = m(input_ids=x, labels=x).loss.float()
+        speed.disable_fused_lora()
+        plain = m(input_ids=x, labels=x).loss.float()
+    assert torch.isfinite(fused) and abs(fused.item() - plain.item()) < 2e-2

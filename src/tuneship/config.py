@@ -132,8 +132,11 @@ def config_help(cls: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             lines.extend(config_help(ann, f"{prefix}{name}."))
             continue
-        default = field.default if field.default is not None else "none"
-        if field.default_factory is not None:
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
             default = field.default_factory()
+        else:
+            default = field.default if field.default is not None else "none"
         lines.append(f"{prefix}{name} [{default}]: {field.description or ''}")
     return lines

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tuneship.progress import log
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _rel(path: str | Path) -> str:
     p = Path(path).resolve()
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         stage("serve")
         test_rows = read_examples(data / "test.jsonl", system=(data / "system_prompt.txt").read_text().strip())
         prompt, reference = split_prompt(test_rows[0])
-        q4 = Path(ex["files"]["Q4_K_M"]["path"]) if "files" in ex else next(gguf_dir.glob("*Q4_K_M*.gguf"))
+        q4 = Path(ex["model_path"])
         answer = ask_server(q4, prompt, args.port or free_port())
         done("serve")
     except TuneshipError as e:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         answer_valid = json.loads(answer) is not None
     except json.JSONDecodeError:
         answer_valid = False
-    kl = {q: info for q, info in ex.get("fidelity", {}).items()}
+    fid = ex["metrics"]
     summary = {
         "base_exact_match": metric(ev["baseline"], "exact_match"),
         "tuned_exact_match": metric(ev["metrics"], "exact_match"),
@@ -149,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_dir": _rel(adapter),
         "merged_dir": _rel(merged),
         "gguf_path": _rel(q4),
-        "gguf_f16_kl": kl.get("f16", {}).get("kl"),
-        "gguf_q4_k_m_kl": kl.get("Q4_K_M", {}).get("kl"),
-        "gguf_q4_k_m_top1": kl.get("Q4_K_M", {}).get("top1"),
-        "merge_max_abs_diff": mg.get("max_abs_diff"),
+        "gguf_f16_kl": fid.get("f16_kl"),
+        "gguf_q4_k_m_kl": fid.get("q4_k_m_kl"),
+        "gguf_q4_k_m_top1": fid.get("q4_k_m_top1"),
+        "merge_max_abs_diff": mg.get("merge_max_abs_diff", mg.get("max_abs_diff")),
         "train_final_loss": train["final_loss"],
         "train_tokens_per_s": train["tokens_per_s"],
         "served_prompt": prompt[-1]["content"],

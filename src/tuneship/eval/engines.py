@@ -29,6 +29,7 @@ from tuneship.progress import bar
 # torch (or llama.cpp) starts its thread pool; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+STOP_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -351,12 +352,16 @@ class GGUFEngine(Engine):
             ) from None
         md = self.llm.metadata or {}
         template = md.get("tokenizer.chat_template")
-        stops = []
-        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"):
-            if md.get(key) is not None:
-                text = self.llm.detokenize([int(md[key])], special=True).decode("utf-8", errors="replace")
-                if text and text not in stops:
-                    stops.append(text)
+        # The same rule as tuneship.models.chat_template_info, so HF and GGUF stop lists compare: the known
+        # end-of-turn tokens that are single tokens of this vocabulary, then EOS.
+        stops = [
+            t for t in STOP_CANDIDATES if len(self.llm.tokenize(t.encode(), add_bos=False, special=True)) == 1
+        ]
+        if md.get("tokenizer.ggml.eos_token_id") is not None:
+            eos = int(md["tokenizer.ggml.eos_token_id"])
+            text = self.llm.detokenize([eos], special=True).decode("utf-8", errors="replace")
+            if text and text not in stops:
+                stops.append(text)
         self.template = {
             "chat_template_sha256": sha256_bytes(template) if template else None,
             "stop_tokens": stops,

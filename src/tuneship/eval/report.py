@@ -111,7 +111,8 @@ def write_report(
             _cell((result.get("baseline") or {}).get("tokens_per_s")),
         ),
         ("weights on disk", _mb(fc.get("file_bytes")), _mb(fb.get("file_bytes"))),
-        ("peak RSS", _mb(fc.get("peak_rss_bytes")), _mb(fb.get("peak_rss_bytes"))),
+        ("peak RSS (process)", _mb(fc.get("peak_rss_bytes")), _mb(fb.get("peak_rss_bytes"))),
+        ("RSS growth while loaded", _mb(fc.get("rss_delta_bytes")), _mb(fb.get("rss_delta_bytes"))),
         ("CUDA peak", _mb(fc.get("cuda_peak_bytes")), _mb(fb.get("cuda_peak_bytes"))),
         ("load time (s)", _fmt(fc.get("load_s"), 1), _fmt(fb.get("load_s"), 1)),
     ]

@@ -12,7 +12,7 @@ def export() -> None:
     """Export a model: to GGUF (+ Ollama Modelfile) or to the Hugging Face Hub."""
 
 
-@export.command()
+@export.command(short_help="HF checkpoint -> f16 + quantized GGUFs (KL-gated) + Ollama Modelfile.")
 @click.argument("model_dir")
 @click.option("--out", required=True, type=click.Path(), help="Export directory to write.")
 @click.option(
@@ -64,7 +64,7 @@ def gguf(
     emit(result, as_json, f"wrote {result['out']}\n" + "\n".join(rows))
 
 
-@export.command()
+@export.command(short_help="Upload an adapter, merged or GGUF dir to the Hub with a model card.")
 @click.argument("artifact")
 @click.option("--repo-id", required=True, help="Hub repo to create or update, as user/name.")
 @click.option("--private", is_flag=True, help="Create the repo as private.")

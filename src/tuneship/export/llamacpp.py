@@ -13,8 +13,10 @@ Quantization goes through the runtime's C API (`llama_model_quantize`), so no ll
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib.metadata as md
+import io
 import json
 import os
 import re
@@ -151,6 +153,10 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
     script = converter_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py vendored beside the converter: same revision
+    model_dir, outfile = (
+        Path(model_dir).resolve(),
+        Path(outfile).resolve(),
+    )  # the converter runs in its own dir
     cmd = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(outfile)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(script.parent))
     if proc.returncode == 0 and outfile.exists():
@@ -198,8 +204,10 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> di
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(quant)
     params.nthread = threads or (os.cpu_count() or 1)
-    with tempfile.TemporaryFile() as captured:
-        sys.stderr.flush()
+    # llama.cpp logs either through llama-cpp-python's callback (Python's sys.stderr) or straight to fd 2
+    py_err = io.StringIO()
+    with tempfile.TemporaryFile() as captured, contextlib.redirect_stderr(py_err):
+        sys.__stderr__.flush()
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
@@ -208,7 +216,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> di
             os.dup2(saved, 2)
             os.close(saved)
         captured.seek(0)
-        text = captured.read().decode(errors="replace")
+        text = captured.read().decode(errors="replace") + py_err.getvalue()
     if rc != 0 or not dst.exists():
         lines = [ln for ln in text.splitlines() if ln.strip()]
         raise TuneshipError(

@@ -95,8 +95,11 @@ def modelfile_text(
     gguf_name: str, template: str, stops: list[str], system: str | None, header: str | None = None
 ) -> str:
     for label, text in (("TEMPLATE", template), ("SYSTEM", system or "")):
-        if '"""' in text:
-            raise TuneshipError(f'the Modelfile {label} cannot hold three double quotes (""")')
+        if '"""' in text or text.endswith('"'):
+            raise TuneshipError(
+                f'the Modelfile {label} cannot hold three double quotes (""") or end with a double quote; '
+                "reword it (for the system prompt: --system TEXT)"
+            )
     lines = [f"# {line}" for line in (header or "").splitlines()]
     lines.append(f"FROM ./{gguf_name}")
     lines.append(f'TEMPLATE """{template}"""')

@@ -183,6 +183,7 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
         processing_class=tok,
         peft_config=lora,
     )
+    notes += speed.patch_trainer(cfg.speed, trainer, device)
     for n in notes if distributed.is_main() else []:
         log(n)
     return Setup(trainer, tok, base, device, notes, len(train_ds), system)

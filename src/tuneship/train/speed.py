@@ -125,13 +125,29 @@ def _planned_checkpointing(cfg: SpeedConfig, sft_kwargs: dict, model_config: Any
     )
 
 
+def _set_checkpointing(sft_kwargs: dict, policy: str) -> None:
+    if policy == "off":
+        sft_kwargs["gradient_checkpointing"] = False
+        sft_kwargs["gradient_checkpointing_kwargs"] = None
+        return
+    sft_kwargs["gradient_checkpointing"] = True
+    kw = dict(sft_kwargs.get("gradient_checkpointing_kwargs") or {})
+    kw["use_reentrant"] = False
+    if policy == "selective":
+        kw["selective"] = True
+    else:
+        kw.pop("selective", None)
+    sft_kwargs["gradient_checkpointing_kwargs"] = kw
+
+
 def apply_speed(
     cfg: SpeedConfig, device: str, model_kwargs: dict, sft_kwargs: dict, model_config: Any = None
 ) -> list[str]:
     """Set the chosen levers in the from_pretrained kwargs and the SFTConfig kwargs. Returns notes for the log.
 
     `model_config` (an HF config, a config.json path or a checkpoint dir) lets checkpointing=auto ask the planner;
-    without it, auto keeps full checkpointing on a GPU.
+    without it, patch_model decides from the loaded model's config and edits these same `sft_kwargs` (so build the
+    SFTConfig from them after patch_model).
     """
     notes: list[str] = []
     cfg._resolved = {}
@@ -152,25 +168,16 @@ def apply_speed(
             policy = "full"
     elif policy == "auto":
         if model_config is None:
-            policy = "full"
-            notes.append("speed: checkpointing=auto without the model's shape: keeping full checkpointing")
+            # decided in patch_model from the loaded model's config; full checkpointing until then
+            policy = "deferred"
+            cfg._resolved["sft_kwargs"] = sft_kwargs
         else:
             policy, why = _planned_checkpointing(cfg, sft_kwargs, model_config)
             notes.append(f"speed: checkpointing=auto chose {policy}: {why}")
     cfg._resolved["checkpointing"] = policy
-    if policy == "off":
-        sft_kwargs["gradient_checkpointing"] = False
-        sft_kwargs["gradient_checkpointing_kwargs"] = None
-    else:
-        sft_kwargs["gradient_checkpointing"] = True
-        kw = dict(sft_kwargs.get("gradient_checkpointing_kwargs") or {})
-        kw["use_reentrant"] = False
-        if policy == "selective":
-            kw["selective"] = True
-        else:
-            kw.pop("selective", None)
-        sft_kwargs["gradient_checkpointing_kwargs"] = kw
-    notes.append(f"speed: activation checkpointing = {policy}")
+    _set_checkpointing(sft_kwargs, policy)
+    if policy != "deferred":
+        notes.append(f"speed: activation checkpointing = {policy}")
 
     if cfg.padding_free:
         if device != "cuda":
@@ -304,6 +311,18 @@ def patch_model(cfg: SpeedConfig, model, device: str, compute_dtype=None) -> lis
     if not cfg.enabled:
         return notes
     policy = cfg._resolved.get("checkpointing")
+    if policy == "deferred":
+        # checkpointing=auto when apply_speed had no model shape: plan from the loaded model's config, and edit the
+        # SFTConfig kwargs that apply_speed was given (the trainer is built from them after this call)
+        sft_kwargs = cfg._resolved.pop("sft_kwargs")
+        if device == "cuda":
+            policy, why = _planned_checkpointing(cfg, sft_kwargs, model.config)
+            notes.append(f"speed: checkpointing=auto chose {policy}: {why}")
+        else:
+            policy = "full" if sft_kwargs.get("gradient_checkpointing", True) else "off"
+        cfg._resolved["checkpointing"] = policy
+        _set_checkpointing(sft_kwargs, policy)
+        notes.append(f"speed: activation checkpointing = {policy}")
     if policy == "off" and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
         notes.append("speed: gradient checkpointing disabled on the model (checkpointing=off)")
