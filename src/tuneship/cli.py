@@ -25,12 +25,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 COMMANDS = {
     "data": ("tuneship.data.cli:data", "Generate the demo data set, or clean and split your own."),
     "train": ("tuneship.train.cli:train", "QLoRA-train an adapter with TRL's SFTTrainer."),
-    "plan": ("tuneship.train.plan_cli:plan", "Predict peak GPU memory and pick batch settings that fit a card."),
-    "eval": ("tuneship.eval.cli:eval_cmd", "Evaluate a model (and a baseline) with CIs and a side-by-side report."),
+    "plan": (
+        "tuneship.train.plan_cli:plan",
+        "Predict peak GPU memory and pick batch settings that fit a card.",
+    ),
+    "eval": (
+        "tuneship.eval.cli:eval_cmd",
+        "Evaluate a model (and a baseline) with CIs and a side-by-side report.",
+    ),
     "merge": ("tuneship.merge.cli:merge", "Merge an adapter into its bf16 base and verify the logits."),
-    "export": ("tuneship.export.cli:export", "Export to GGUF (+ Ollama Modelfile) or to the Hugging Face Hub."),
-    "serve": ("tuneship.serve.cli:serve", "Serve a GGUF, or every version on a registered name's route behind the router."),
-    "registry": ("tuneship.registry.cli:registry", "Versioned adapters: lineage, aliases, promotion gates, rollback."),
+    "export": (
+        "tuneship.export.cli:export",
+        "Export to GGUF (+ Ollama Modelfile) or to the Hugging Face Hub.",
+    ),
+    "serve": (
+        "tuneship.serve.cli:serve",
+        "Serve a GGUF, or every version on a registered name's route behind the router.",
+    ),
+    "registry": (
+        "tuneship.registry.cli:registry",
+        "Versioned adapters: lineage, aliases, promotion gates, rollback.",
+    ),
 }
 
 
@@ -71,14 +86,18 @@ def emit(result: Any, as_json: bool, human: str | None = None) -> None:
 
 
 def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout."
+    )(f)
 
 
 def overwrite_option(f):
     return click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")(f)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.version_option(__version__, prog_name="tuneship")
 def cli() -> None:
     """tuneship: QLoRA fine-tuning to production serving for small language models.

@@ -104,7 +104,11 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
     if first["type"] == "extra_forbidden":
         parent = cls
         for part in loc[:-1]:
-            parent = parent.model_fields[part].annotation if part in getattr(parent, "model_fields", {}) else parent
+            parent = (
+                parent.model_fields[part].annotation
+                if part in getattr(parent, "model_fields", {})
+                else parent
+            )
         known = ", ".join(getattr(parent, "model_fields", {}).keys())
         return f"{source}: unknown key {key!r}; known keys here: {known}"
     allowed = _allowed(cls, loc)
@@ -113,7 +117,9 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
     return f"{source}: key {key!r}: {msg}" + (f"; {allowed}" if allowed and allowed not in msg else "") + more
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Iterable[str] = (), **extra: Any) -> C:
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: typing.Iterable[str] = (), **extra: Any
+) -> C:
     """Build a config from an optional YAML file, then `--set` overrides, then keyword values."""
     data = read_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides))

@@ -33,7 +33,17 @@ def ask_server(gguf: Path, prompt_messages: list[dict], port: int, timeout: floa
     import httpx
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneship.cli", "serve", str(gguf), "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "tuneship.cli",
+            "serve",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}/v1"
@@ -70,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo", help="Output root (default out/demo).")
     ap.add_argument("--config", default="configs/demo.yaml", help="Train config.")
     ap.add_argument("--eval-limit", type=int, default=None, help="Evaluate only the first N test rows.")
-    ap.add_argument("--port", type=int, default=int(os.environ.get("TUNESHIP_DEMO_PORT", "0")), help="Server port (0: a free one).")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="Train config override key=value.")
+    ap.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("TUNESHIP_DEMO_PORT", "0")),
+        help="Server port (0: a free one).",
+    )
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="Train config override key=value."
+    )
     args = ap.parse_args(argv)
 
     from tuneship.config import load_config
@@ -103,15 +120,31 @@ def main(argv: list[str] | None = None) -> int:
         done("data")
 
         stage("train")
-        cfg = load_config(TrainConfig, args.config, [
-            f"data.train={data / 'train.jsonl'}", f"data.valid={data / 'valid.jsonl'}",
-            f"data.system_prompt_file={data / 'system_prompt.txt'}", f"output_dir={adapter}", *args.overrides])
+        cfg = load_config(
+            TrainConfig,
+            args.config,
+            [
+                f"data.train={data / 'train.jsonl'}",
+                f"data.valid={data / 'valid.jsonl'}",
+                f"data.system_prompt_file={data / 'system_prompt.txt'}",
+                f"output_dir={adapter}",
+                *args.overrides,
+            ],
+        )
         train = run_train(cfg, overwrite=True)
         done("train")
 
         stage("eval")
-        ev = run_eval(EvalConfig(model=str(adapter), baseline="bundled:smollm2-135m-instruct", data=str(data / "test.jsonl"),
-                                 out=str(out / "eval"), limit=args.eval_limit, overwrite=True))
+        ev = run_eval(
+            EvalConfig(
+                model=str(adapter),
+                baseline="bundled:smollm2-135m-instruct",
+                data=str(data / "test.jsonl"),
+                out=str(out / "eval"),
+                limit=args.eval_limit,
+                overwrite=True,
+            )
+        )
         done("eval")
 
         stage("merge")
@@ -123,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         done("export")
 
         stage("serve")
-        test_rows = read_examples(data / "test.jsonl", system=(data / "system_prompt.txt").read_text().strip())
+        test_rows = read_examples(
+            data / "test.jsonl", system=(data / "system_prompt.txt").read_text().strip()
+        )
         prompt, reference = split_prompt(test_rows[0])
         q4 = Path(ex["model_path"])
         answer = ask_server(q4, prompt, args.port or free_port())
@@ -167,9 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = [
-        ("exact match (base -> tuned)", f"{summary['base_exact_match']:.3f} -> {summary['tuned_exact_match']:.3f}"),
-        ("valid JSON (base -> tuned)", f"{summary['base_json_valid']:.3f} -> {summary['tuned_json_valid']:.3f}"),
-        ("eval rows / p-value of the difference", f"{summary['eval_n']} / {summary['exact_match_diff_p_value']}"),
+        (
+            "exact match (base -> tuned)",
+            f"{summary['base_exact_match']:.3f} -> {summary['tuned_exact_match']:.3f}",
+        ),
+        (
+            "valid JSON (base -> tuned)",
+            f"{summary['base_json_valid']:.3f} -> {summary['tuned_json_valid']:.3f}",
+        ),
+        (
+            "eval rows / p-value of the difference",
+            f"{summary['eval_n']} / {summary['exact_match_diff_p_value']}",
+        ),
         ("final train loss", f"{summary['train_final_loss']:.4f}"),
         ("merge max |logit diff|", f"{summary['merge_max_abs_diff']}"),
         ("GGUF f16 KL", f"{summary['gguf_f16_kl']}"),

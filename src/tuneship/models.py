@@ -85,7 +85,9 @@ def bundled_checkpoint(name: str) -> Path:
     log(f"converting bundled model {name} from {gguf.name} into {out} (once)")
     tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=info["file"])
     loaded = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=info["file"], dtype=torch.float32)
-    cfg = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    cfg = AutoConfig.for_model(
+        **{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    )
     cfg.dtype = "bfloat16"
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=False)
@@ -134,18 +136,27 @@ def hf_identity(path_or_id: str) -> dict:
         weights = sorted(p.glob("*.safetensors"))
         digest = sha256_file(weights[0]) if len(weights) == 1 else None
         return {"spec": path_or_id, "id": str(p.resolve()), "revision": None, "sha256": digest}
-    return {"spec": path_or_id, "id": path_or_id, "revision": os.environ.get("TUNESHIP_HF_REVISION"), "sha256": None}
+    return {
+        "spec": path_or_id,
+        "id": path_or_id,
+        "revision": os.environ.get("TUNESHIP_HF_REVISION"),
+        "sha256": None,
+    }
 
 
 def resolve(spec: str, allow_pickle: bool = False, registry_root: str | None = None) -> ModelSpec:
     """Turn a user's model spec into a ModelSpec. Raises TuneshipError with a fix for anything unknown."""
     spec = str(spec).strip()
     if not spec:
-        raise TuneshipError("empty model spec; give an HF id or path, bundled:NAME, an adapter dir, a .gguf or a URL")
+        raise TuneshipError(
+            "empty model spec; give an HF id or path, bundled:NAME, an adapter dir, a .gguf or a URL"
+        )
     if spec.startswith(("http://", "https://")):
         url, _, name = spec.partition("#")
         if not name:
-            raise TuneshipError(f"endpoint {spec!r} needs a model name: write it as http://host:port/v1#model-name")
+            raise TuneshipError(
+                f"endpoint {spec!r} needs a model name: write it as http://host:port/v1#model-name"
+            )
         return ModelSpec(kind="endpoint", spec=spec, url=url.rstrip("/"), model_name=name)
     if spec.startswith(BUNDLED_PREFIX):
         path = bundled_checkpoint(spec[len(BUNDLED_PREFIX) :])
@@ -166,17 +177,25 @@ def resolve(spec: str, allow_pickle: bool = False, registry_root: str | None = N
     if p.is_dir() and (p / "adapter_config.json").exists():
         check_no_pickle(p, allow_pickle)
         base_spec = adapter_base_spec(p)
-        return ModelSpec(kind="adapter", spec=spec, path=str(p), base=resolve(base_spec, allow_pickle=allow_pickle))
+        return ModelSpec(
+            kind="adapter", spec=spec, path=str(p), base=resolve(base_spec, allow_pickle=allow_pickle)
+        )
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise TuneshipError(f"{p} is not a model directory (no config.json) nor an adapter (no adapter_config.json)")
+            raise TuneshipError(
+                f"{p} is not a model directory (no config.json) nor an adapter (no adapter_config.json)"
+            )
         check_no_pickle(p, allow_pickle)
         return ModelSpec(kind="hf", spec=spec, path=str(p), identity=hf_identity(str(p)))
     if p.exists():
-        raise TuneshipError(f"{p} is a file but not a .gguf; give a model directory, an adapter directory or a .gguf")
+        raise TuneshipError(
+            f"{p} is a file but not a .gguf; give a model directory, an adapter directory or a .gguf"
+        )
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ModelSpec(kind="hf", spec=spec, path=spec, identity=hf_identity(spec))
-    raise TuneshipError(f"model {spec!r} not found: not a path, a Hub id (org/name), bundled:NAME, a URL or NAME@vN")
+    raise TuneshipError(
+        f"model {spec!r} not found: not a path, a Hub id (org/name), bundled:NAME, a URL or NAME@vN"
+    )
 
 
 def adapter_base_spec(adapter_dir: Path) -> str:

@@ -19,30 +19,134 @@ SYSTEM_PROMPT = (
 )
 
 TITLES = [
-    "Data Engineer", "Senior Data Engineer", "Backend Developer", "Frontend Engineer", "Product Manager",
-    "Machine Learning Engineer", "Site Reliability Engineer", "UX Designer", "QA Analyst", "DevOps Engineer",
-    "Staff Software Engineer", "Technical Writer", "Sales Associate", "Account Executive", "Nurse Practitioner",
-    "Registered Nurse", "Warehouse Supervisor", "Line Cook", "Pastry Chef", "Electrician", "Civil Engineer",
-    "Financial Analyst", "Tax Accountant", "Marketing Coordinator", "Content Strategist", "HR Generalist",
-    "Recruiter", "Customer Success Manager", "Security Analyst", "Cloud Architect", "Mobile Developer",
-    "Research Scientist", "Lab Technician", "Graphic Designer", "Project Coordinator", "Operations Manager",
-    "Truck Driver", "Pharmacist", "Physical Therapist", "Data Analyst", "Support Engineer", "Barista",
-    "Store Manager", "Paralegal", "Legal Counsel", "Database Administrator", "Game Designer", "Copywriter",
+    "Data Engineer",
+    "Senior Data Engineer",
+    "Backend Developer",
+    "Frontend Engineer",
+    "Product Manager",
+    "Machine Learning Engineer",
+    "Site Reliability Engineer",
+    "UX Designer",
+    "QA Analyst",
+    "DevOps Engineer",
+    "Staff Software Engineer",
+    "Technical Writer",
+    "Sales Associate",
+    "Account Executive",
+    "Nurse Practitioner",
+    "Registered Nurse",
+    "Warehouse Supervisor",
+    "Line Cook",
+    "Pastry Chef",
+    "Electrician",
+    "Civil Engineer",
+    "Financial Analyst",
+    "Tax Accountant",
+    "Marketing Coordinator",
+    "Content Strategist",
+    "HR Generalist",
+    "Recruiter",
+    "Customer Success Manager",
+    "Security Analyst",
+    "Cloud Architect",
+    "Mobile Developer",
+    "Research Scientist",
+    "Lab Technician",
+    "Graphic Designer",
+    "Project Coordinator",
+    "Operations Manager",
+    "Truck Driver",
+    "Pharmacist",
+    "Physical Therapist",
+    "Data Analyst",
+    "Support Engineer",
+    "Barista",
+    "Store Manager",
+    "Paralegal",
+    "Legal Counsel",
+    "Database Administrator",
+    "Game Designer",
+    "Copywriter",
 ]
 COMPANIES = [
-    "Acme Corp", "Globex", "Initech", "Umbrella Health", "Stark Industries", "Wayne Logistics", "Hooli",
-    "Pied Piper", "Vandelay Imports", "Soylent Foods", "Cyberdyne Systems", "Tyrell Labs", "Wonka Confections",
-    "Blue Harbor Bank", "Northwind Traders", "Contoso", "Fabrikam", "Tailspin Toys", "Litware", "Adatum",
-    "Green Valley Farms", "Redwood Analytics", "Silver Peak Software", "Orbit Media", "Lumen Dynamics",
-    "Riverbend Hospital", "Cedar & Pine Legal", "Brightpath Education", "Quantum Leap AI", "Harbor Freight Co",
-    "Maple Street Bakery", "Ironclad Security", "Evergreen Energy", "Polaris Games", "Summit Outdoor",
-    "Nimbus Cloud", "Atlas Robotics", "Coral Reef Travel", "Helios Solar", "Granite Construction Group",
+    "Acme Corp",
+    "Globex",
+    "Initech",
+    "Umbrella Health",
+    "Stark Industries",
+    "Wayne Logistics",
+    "Hooli",
+    "Pied Piper",
+    "Vandelay Imports",
+    "Soylent Foods",
+    "Cyberdyne Systems",
+    "Tyrell Labs",
+    "Wonka Confections",
+    "Blue Harbor Bank",
+    "Northwind Traders",
+    "Contoso",
+    "Fabrikam",
+    "Tailspin Toys",
+    "Litware",
+    "Adatum",
+    "Green Valley Farms",
+    "Redwood Analytics",
+    "Silver Peak Software",
+    "Orbit Media",
+    "Lumen Dynamics",
+    "Riverbend Hospital",
+    "Cedar & Pine Legal",
+    "Brightpath Education",
+    "Quantum Leap AI",
+    "Harbor Freight Co",
+    "Maple Street Bakery",
+    "Ironclad Security",
+    "Evergreen Energy",
+    "Polaris Games",
+    "Summit Outdoor",
+    "Nimbus Cloud",
+    "Atlas Robotics",
+    "Coral Reef Travel",
+    "Helios Solar",
+    "Granite Construction Group",
 ]
 LOCATIONS = [
-    "Berlin", "Munich", "London", "Manchester", "Paris", "Lyon", "Amsterdam", "Madrid", "Barcelona", "Lisbon",
-    "New York", "San Francisco", "Austin", "Chicago", "Seattle", "Boston", "Denver", "Toronto", "Vancouver",
-    "Sydney", "Melbourne", "Singapore", "Tokyo", "Dublin", "Stockholm", "Zurich", "Vienna", "Warsaw",
-    "Prague", "Copenhagen", "Oslo", "Helsinki", "Mexico City", "Sao Paulo", "Cape Town", "Bangalore",
+    "Berlin",
+    "Munich",
+    "London",
+    "Manchester",
+    "Paris",
+    "Lyon",
+    "Amsterdam",
+    "Madrid",
+    "Barcelona",
+    "Lisbon",
+    "New York",
+    "San Francisco",
+    "Austin",
+    "Chicago",
+    "Seattle",
+    "Boston",
+    "Denver",
+    "Toronto",
+    "Vancouver",
+    "Sydney",
+    "Melbourne",
+    "Singapore",
+    "Tokyo",
+    "Dublin",
+    "Stockholm",
+    "Zurich",
+    "Vienna",
+    "Warsaw",
+    "Prague",
+    "Copenhagen",
+    "Oslo",
+    "Helsinki",
+    "Mexico City",
+    "Sao Paulo",
+    "Cape Town",
+    "Bangalore",
 ]
 
 # {t}=title {c}=company {l}=location {r}=remote phrase (may be empty for on-site)
@@ -65,12 +169,20 @@ TEMPLATES = [
     "Our client {c} is searching for a {t} located in {l}. {r}",
 ]
 REMOTE_YES = [
-    "This is a fully remote position.", "Remote work is possible.", "You can work from home.",
-    "100% remote.", "The job is remote-friendly.", "Work remotely from anywhere.",
+    "This is a fully remote position.",
+    "Remote work is possible.",
+    "You can work from home.",
+    "100% remote.",
+    "The job is remote-friendly.",
+    "Work remotely from anywhere.",
 ]
 REMOTE_NO = [
-    "This role is on-site.", "No remote work.", "You must work in the office.", "On-site only.",
-    "The position requires being in the office every day.", "",
+    "This role is on-site.",
+    "No remote work.",
+    "You must work in the office.",
+    "On-site only.",
+    "The position requires being in the office every day.",
+    "",
 ]
 
 
@@ -90,14 +202,20 @@ def make_rows(n: int = 720, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_demo_data(out: str | Path, n: int = 720, seed: int = 0, fractions=(0.8, 0.1, 0.1), overwrite: bool = False) -> dict:
+def write_demo_data(
+    out: str | Path, n: int = 720, seed: int = 0, fractions=(0.8, 0.1, 0.1), overwrite: bool = False
+) -> dict:
     """Write train/valid/test JSONL splits of the demo task into `out`, atomically; return a summary."""
     rows = make_rows(n, seed)
     rng = random.Random(seed + 1)
     rng.shuffle(rows)
     n_train = int(round(fractions[0] * n))
     n_valid = int(round(fractions[1] * n))
-    splits = {"train": rows[:n_train], "valid": rows[n_train : n_train + n_valid], "test": rows[n_train + n_valid :]}
+    splits = {
+        "train": rows[:n_train],
+        "valid": rows[n_train : n_train + n_valid],
+        "test": rows[n_train + n_valid :],
+    }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, part in splits.items():
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
@@ -105,6 +223,13 @@ def write_demo_data(out: str | Path, n: int = 720, seed: int = 0, fractions=(0.8
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "system_prompt.txt").write_text(SYSTEM_PROMPT + "\n")
         digest = dataset_dir_sha256(tmp)
-        write_record(tmp, "dataset", sha256=digest, splits={k: len(v) for k, v in splits.items()}, seed=seed,
-                     system_prompt=SYSTEM_PROMPT, task="job-posting-extraction")
+        write_record(
+            tmp,
+            "dataset",
+            sha256=digest,
+            splits={k: len(v) for k, v in splits.items()},
+            seed=seed,
+            system_prompt=SYSTEM_PROMPT,
+            task="job-posting-extraction",
+        )
     return {"out": str(out), "splits": {k: len(v) for k, v in splits.items()}, "sha256": digest}

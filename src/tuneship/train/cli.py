@@ -16,18 +16,45 @@ KEYS = "\n".join("  " + line for line in config_help(TrainConfig))
     epilog="\b\nConfig keys (YAML, or --set key=value) [default]:\n" + KEYS,
     context_settings={"max_content_width": 120},
 )
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (see configs/).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set lora.r=8.")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (see configs/)."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set lora.r=8.",
+)
 @click.option("--out", "output_dir", help="Shortcut for --set output_dir=DIR.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run with the same output_dir.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the last checkpoint of an interrupted run with the same output_dir.",
+)
 @click.option("--register", metavar="NAME", help="Register the adapter in the registry as NAME@vN when done.")
 @click.option("--root", "registry_root", help="Registry root (default: $TUNESHIP_REGISTRY or ./registry).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit without training.")
-@click.option("--nproc", type=click.IntRange(1), help="Train with N processes, one per GPU (gloo on the CPU); N > 1 means DDP "
-              "unless distributed.mode=fsdp. The command re-runs itself through accelerate launch (torchrun on the CPU).")
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    help="Train with N processes, one per GPU (gloo on the CPU); N > 1 means DDP "
+    "unless distributed.mode=fsdp. The command re-runs itself through accelerate launch (torchrun on the CPU).",
+)
 @overwrite_option
 @json_option
-def train(config_path, overrides, output_dir, resume, register, registry_root, print_config, nproc, overwrite, as_json) -> None:
+def train(
+    config_path,
+    overrides,
+    output_dir,
+    resume,
+    register,
+    registry_root,
+    print_config,
+    nproc,
+    overwrite,
+    as_json,
+) -> None:
     """QLoRA-train an adapter with TRL's SFTTrainer (NF4 + double quant, paged 8-bit AdamW, completion-only loss).
 
     Writes OUTPUT_DIR with the adapter, tokenizer, loss_curve.png and a tuneship.json record (config, base
@@ -59,10 +86,18 @@ def train(config_path, overrides, output_dir, resume, register, registry_root, p
                 *(["--overwrite"] if overwrite else []), *(["--json"] if as_json else [])]  # fmt: skip
         rc = distributed.launch(cfg, device, args)
         if rc:
-            raise TuneshipError(f"{d.mode} training with {d.nproc} processes failed (exit status {rc}); see the workers' errors above")
+            raise TuneshipError(
+                f"{d.mode} training with {d.nproc} processes failed (exit status {rc}); see the workers' errors above"
+            )
         return
-    summary = run_train(cfg, resume=resume, overwrite=overwrite, register=register, registry_root=registry_root)
+    summary = run_train(
+        cfg, resume=resume, overwrite=overwrite, register=register, registry_root=registry_root
+    )
     if not distributed.is_main():
         return  # rank 0 reports
     summary.pop("record", None)
-    emit(summary, as_json, f"adapter: {summary['adapter_dir']}  loss {summary['final_loss']}  {summary['tokens_per_s']} tok/s")
+    emit(
+        summary,
+        as_json,
+        f"adapter: {summary['adapter_dir']}  loss {summary['final_loss']}  {summary['tokens_per_s']} tok/s",
+    )
