@@ -228,7 +228,7 @@ def run(a) -> None:
     build_model(model_dir, a.tiny)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
     for mode in a.modes.split(","):
         rows.append(run_one(mode, a.nproc, a, model_dir, work))
         r = rows[-1]
@@ -236,6 +236,10 @@ def run(a) -> None:
             f"{mode}: "
             + (f"{r['tokens_per_s']} tok/s, peak {r['peak_mem_gib_per_gpu']} GiB" if r["ok"] else "FAILED")
         )
+        write_result(a, rows, t0)  # after every run: a cut-off session keeps what finished
+
+
+def write_result(a, rows: list[dict], t0: float) -> None:
     base = next((r for r in rows if r["mode"] == "none" and r["ok"]), None)
     for r in rows:
         if base and r["ok"] and r["tokens_per_s_per_gpu"] and base["tokens_per_s"]:
@@ -251,7 +255,7 @@ def run(a) -> None:
             "warmup_steps": a.warmup,
             "nproc": a.nproc,
             "recipe": "tuneship default: QLoRA NF4+DQ, r=16 all-linear, paged AdamW 8-bit, speed levers on",
-        },  # fmt: skip
+        },
         "machine": machine(),
         "versions": versions(),
         "runs": rows,
@@ -264,7 +268,7 @@ def run(a) -> None:
     out = Path(a.result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.parent.resolve():
         Path(os.environ["OUT"], out.name).write_text(text + "\n")
     print(text)
 

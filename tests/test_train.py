@@ -248,3 +248,16 @@ def test_pickle_base_refused(tmp_path, capsys, bundled_dir):
     )
     assert rc == 2
     assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("\n")
+    rc = main(
+        ["train", "--config", "configs/demo.yaml", "--set", f"data.train={empty}", "--set", "data.valid=null",
+         "--set", "data.system_prompt_file=null", "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{empty} is empty" in err and "\n" not in err.strip()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.run").exists()

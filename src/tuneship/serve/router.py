@@ -13,6 +13,14 @@ process under uvicorn. Per request it:
 Background tasks reload the route when the source's revision changes (in-flight requests keep the route they
 started with), and roll the canary back when the watcher finds it worse than stable.
 
+Backends added at run time: the router runs as its own process, and `tuneship serve` (launch.RouteFollower)
+starts a backend for a version that joins the route after start-up. Once that backend answers, the serving
+process rewrites a JSON file (`--backends-file`, {NAME: {vN: {"url": ..., "model": ...}}}) and the router, which
+polls the file's mtime with the route, merges it into its backend table: a new dict, so requests in flight keep
+the table they started with, and the version then gets its share. Until then (or for good, when its backend
+failed to start) a version on the route with no backend gets no traffic: it is left out of the sticky split,
+so with a stable and a canary its users stay on stable. Backends are only ever added, never dropped.
+
 Why aiohttp for the upstream side, not httpx: on the 2-core machine, an httpx.AsyncClient cost 1.0-4.7 ms of CPU
 per request and fell from 388 req/s at 1 connection to 96 req/s at 128 (its pool scans every connection on each
 request), while aiohttp's pooled client cost about 0.1 ms and held 3,000-4,900 req/s (bench/router_overhead.py's
@@ -78,6 +86,8 @@ class RouterConfig:
     poll_interval: float = 1.0
     max_connections: int = 512
     watcher: WatcherConfig | None = field(default_factory=WatcherConfig)
+    # JSON {name: {version: {url, model}}} rewritten by the serving process when it adds a backend
+    backends_file: str | None = None
 
 
 def _error(
@@ -163,6 +173,7 @@ class Router:
         self._key = config.api_key.encode() if config.api_key else None
         self._tasks: list[asyncio.Task] = []
         self._warned: set[tuple[str, str]] = set()
+        self._backends_stamp: tuple[int, int] | None = None
 
     # ---- routes -------------------------------------------------------------------------------------------
     def install(self, route: Route) -> None:
@@ -190,13 +201,52 @@ class Router:
         if old is not None and old.revision != route.revision:
             log(f"router: {route.name} reloaded at revision {route.revision}: weights {route.weights}")
 
+    def reload_backends(self) -> None:
+        """Merge the backends file into the backend table when it changed (backends are only added)."""
+        path = self.config.backends_file
+        if not path:
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._backends_stamp:
+            return
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        self._backends_stamp = stamp
+        for name, table in data.items():
+            if name not in self.sources:
+                continue
+            current = self.config.backends.get(name, {})
+            new = {v: Backend(url=str(b["url"]).rstrip("/"), model=str(b["model"])) for v, b in table.items()}
+            added = {v: b for v, b in new.items() if current.get(v) != b}
+            if not added:
+                continue
+            # a new dict: a request in flight keeps the table it started with
+            self.config.backends = {**self.config.backends, name: {**current, **added}}
+            for version, b in added.items():
+                self._warned.discard((name, version))
+                log(f"router: {name}@{version} is now served by {b.url} (model {b.model})")
+            if name in self.routes:
+                self.install(self.routes[name])
+
     async def load_all(self) -> None:
+        try:
+            self.reload_backends()
+        except Exception as e:
+            log(f"router: reading backends file {self.config.backends_file} failed ({e})")
         for source in self.sources.values():
             self.install(await asyncio.to_thread(source.load))
 
     async def poll_routes(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval)
+            try:
+                self.reload_backends()
+            except Exception as e:  # a half-read or bad file: keep the table, try again next poll
+                log(f"router: reading backends file {self.config.backends_file} failed ({e})")
             for name, source in self.sources.items():
                 try:
                     rev = await asyncio.to_thread(source.revision)
@@ -590,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollback-threshold", type=float, default=0.05)
     p.add_argument("--min-samples", type=int, default=50)
     p.add_argument("--json-signal", action="store_true", help="count valid-JSON answers as a quality signal")
+    p.add_argument(
+        "--backends-file",
+        help="JSON {NAME: {vN: {url, model}}} of backends added at run time; polled with the route",
+    )
     a = p.parse_args(argv)
     try:
         backends: dict[str, dict[str, Backend]] = {}
@@ -618,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             max_retries=a.max_retries,
             request_timeout=a.request_timeout,
             poll_interval=a.poll_interval,
+            backends_file=a.backends_file,
             watcher=None
             if a.no_watcher
             else WatcherConfig(

@@ -40,7 +40,9 @@ def pick_device(cfg: TrainConfig) -> str:
 
     has_cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not has_cuda:
-        raise TuneshipError("device: cuda was asked for but no GPU is visible; use --set device=cpu or run on a GPU host")
+        raise TuneshipError(
+            "device: cuda was asked for but no GPU is visible; use --set device=cpu or run on a GPU host"
+        )
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and has_cuda) else "cpu"
 
 
@@ -97,14 +99,18 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
         torch.set_num_threads(distributed.cpu_threads(cfg))
     base = resolve(cfg.base_model, allow_pickle=cfg.allow_pickle)
     if base.kind != "hf":
-        raise TuneshipError(f"base_model {cfg.base_model!r} is a {base.kind}; training needs an HF checkpoint or bundled:NAME")
+        raise TuneshipError(
+            f"base_model {cfg.base_model!r} is a {base.kind}; training needs an HF checkpoint or bundled:NAME"
+        )
     system = cfg.system_prompt()
     train_ds = load_rows(cfg.data.train, cfg, system)
     valid_ds = load_rows(cfg.data.valid, cfg, system) if cfg.data.valid else None
 
     tok = load_tokenizer(base.path)
     if not tok.chat_template:
-        raise TuneshipError(f"base model {cfg.base_model} has no chat template; training uses the chat template")
+        raise TuneshipError(
+            f"base model {cfg.base_model} has no chat template; training uses the chat template"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
 
@@ -116,7 +122,9 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
             bnb_4bit_quant_type=cfg.quant.quant_type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype if cfg.quant.quant_storage == "auto" else getattr(torch, cfg.quant.quant_storage),
+            bnb_4bit_quant_storage=dtype
+            if cfg.quant.quant_storage == "auto"
+            else getattr(torch, cfg.quant.quant_storage),
         )
     model_kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
 
@@ -159,7 +167,9 @@ def build(cfg: TrainConfig, run_dir: Path) -> Setup:
     notes += distributed.apply(cfg, device, dtype, model_kwargs, sft_kwargs)
 
     model = AutoModelForCausalLM.from_pretrained(base.path, **model_kwargs)
-    if cfg.quant.load_in_4bit and cfg.distributed.mode != "fsdp":  # FSDP: no fp32 upcast, one dtype throughout
+    if (
+        cfg.quant.load_in_4bit and cfg.distributed.mode != "fsdp"
+    ):  # FSDP: no fp32 upcast, one dtype throughout
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -203,8 +213,9 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def check_inputs(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-                 register: str | None = None) -> tuple[Path, str | None]:
+def check_inputs(
+    cfg: TrainConfig, resume: bool = False, overwrite: bool = False, register: str | None = None
+) -> tuple[Path, str | None]:
     """The checks that need no model, run before any process starts: returns (run dir, checkpoint to resume)."""
     out = Path(cfg.output_dir)
     if out.exists() and not overwrite:
@@ -216,7 +227,9 @@ def check_inputs(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     for split in ("train", "valid"):
         path = getattr(cfg.data, split)
         if path and not Path(path).exists():
-            raise TuneshipError(f"data.{split} file {path} does not exist; run `make data` or point data.{split} at your file")
+            raise TuneshipError(
+                f"data.{split} file {path} does not exist; run `make data` or point data.{split} at your file"
+            )
     run_dir = out.with_name(out.name + ".run")
     ckpt = last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -224,8 +237,13 @@ def check_inputs(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     return run_dir, ckpt
 
 
-def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, register: str | None = None,
-              registry_root: str | None = None) -> dict:
+def run_train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    register: str | None = None,
+    registry_root: str | None = None,
+) -> dict:
     """Train, then write the adapter atomically. Returns the run's summary (also stored in the record).
 
     Inside a launched worker (see `tuneship.train.distributed`) every rank trains; rank 0 alone prepares and
@@ -244,7 +262,12 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
     distributed.barrier()
 
     t0 = time.time()
-    setup = build(cfg, run_dir)
+    try:
+        setup = build(cfg, run_dir)
+    except BaseException:
+        if main and not resume:  # nothing trained yet: leave no working dir behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     trainer = setup.trainer
     if ckpt and main:
         log(f"resuming from {ckpt}")
@@ -252,7 +275,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
     wall = time.time() - t0
     state = distributed.adapter_state(cfg, trainer)  # a collective under FSDP; None otherwise
     digest = distributed.lora_digest(trainer.model, state) if state is None or main else None
-    per_rank = distributed.gather({"lora_sha256": digest, "peak_mem_gib": round(peak_memory_gib(setup.device), 3)})
+    per_rank = distributed.gather(
+        {"lora_sha256": digest, "peak_mem_gib": round(peak_memory_gib(setup.device), 3)}
+    )
     if not main:
         distributed.finish()
         return {"rank": distributed.rank()}
@@ -288,7 +313,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             model = trainer.accelerator.unwrap_model(trainer.model) if state is not None else trainer.model
-            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
+            model.save_pretrained(
+                tmp, safe_serialization=True, **({"state_dict": state} if state is not None else {})
+            )
             setup.tokenizer.save_pretrained(tmp)
             (tmp / "log_history.json").write_text(json.dumps(history, indent=1))
             plot_loss(history, tmp / "loss_curve.png")
@@ -300,7 +327,12 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
                 data_files={k: str(getattr(cfg.data, k)) for k in ("train", "valid") if getattr(cfg.data, k)},
                 system_prompt=setup.system_prompt,
                 **template,
-                lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.modules(), "dropout": cfg.lora.dropout},
+                lora={
+                    "r": cfg.lora.r,
+                    "alpha": cfg.lora.alpha,
+                    "target_modules": cfg.lora.modules(),
+                    "dropout": cfg.lora.dropout,
+                },
                 config=cfg.model_dump(),
                 metrics=metrics,
                 notes=setup.notes,
@@ -313,7 +345,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, r
         from tuneship.registry import add_version
 
         summary["registered"] = add_version(out, register, root=registry_root)
-    log(f"adapter written to {out} (loss {metrics['final_loss']}, {metrics['tokens_per_s']} tok/s, {wall:.0f} s)")
+    log(
+        f"adapter written to {out} (loss {metrics['final_loss']}, {metrics['tokens_per_s']} tok/s, {wall:.0f} s)"
+    )
     return summary | {"record": record}
 
 
