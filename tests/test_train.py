@@ -217,20 +217,25 @@ def test_existing_output_refused(tmp_path, capsys):
     assert (tmp_path / "o").is_dir() and not any((tmp_path / "o").iterdir())
 
 
-def test_gpu_setting_without_gpu(capsys, tmp_path):
+def data_sets(data: Path) -> list[str]:
+    return ["--set", f"data.train={data / 'train.jsonl'}", "--set", f"data.valid={data / 'valid.jsonl'}",
+            "--set", f"data.system_prompt_file={data / 'system_prompt.txt'}"]  # fmt: skip
+
+
+def test_gpu_setting_without_gpu(capsys, tmp_path, demo_data):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     rc = main(
-        ["train", "--config", "configs/demo.yaml", "--set", "device=cuda", "--out", str(tmp_path / "o")]
-    )
+        ["train", "--config", "configs/demo.yaml", *data_sets(demo_data), "--set", "device=cuda", "--out", str(tmp_path / "o")]
+    )  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err
     assert "no GPU" in err and "Traceback" not in err
 
 
-def test_pickle_base_refused(tmp_path, capsys, bundled_dir):
+def test_pickle_base_refused(tmp_path, capsys, bundled_dir, demo_data):
     fake = tmp_path / "picklebase"
     fake.mkdir()
     (fake / "config.json").write_text((bundled_dir / "config.json").read_text())
@@ -240,6 +245,7 @@ def test_pickle_base_refused(tmp_path, capsys, bundled_dir):
             "train",
             "--config",
             "configs/demo.yaml",
+            *data_sets(demo_data),
             "--set",
             f"base_model={fake}",
             "--out",

@@ -6,6 +6,7 @@ so `tuneship --help` and the registry commands start without importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -20,6 +21,8 @@ from tuneship.errors import TuneshipError
 # Before torch loads: idle OpenMP threads sleep instead of spinning (a large win on small shared CPUs).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_STDOUT = None  # the real stdout while a --json command runs (see main)
 
 # command name -> "module:attribute" of a click command or group
 COMMANDS = {
@@ -80,7 +83,7 @@ class LazyGroup(click.Group):
 def emit(result: Any, as_json: bool, human: str | None = None) -> None:
     """Print a command's result: JSON on stdout with --json, else the human text."""
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(result, indent=2, default=str), file=_STDOUT or sys.stdout)
     elif human is not None:
         click.echo(human)
 
@@ -110,8 +113,20 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns the exit status; user errors print one line, not a traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        rv = cli.main(args=argv, prog_name="tuneship", standalone_mode=False)
+        if "--json" in args:
+            # stdout carries only the JSON summary: whatever libraries print (the Trainer's log dicts,
+            # llama.cpp's banners) goes to stderr, and `emit` writes to the real stdout.
+            global _STDOUT
+            _STDOUT = sys.stdout
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    rv = cli.main(args=args, prog_name="tuneship", standalone_mode=False)
+            finally:
+                _STDOUT = None
+        else:
+            rv = cli.main(args=args, prog_name="tuneship", standalone_mode=False)
     except TuneshipError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code

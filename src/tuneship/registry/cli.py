@@ -221,7 +221,7 @@ def export_route_cmd(name, out, root, as_json):
     data = reg.export_route(name, root=root)
     if out:
         write_json_atomic(out, data)
-    click.echo(json.dumps(data, indent=2))
+    emit(data, True)
 
 
 @registry.command("push")

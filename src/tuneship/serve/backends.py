@@ -202,13 +202,20 @@ def vllm_spec(
     )
 
 
+def load_lora_request(url: str, name: str, path: str) -> tuple[str, dict]:
+    """The POST that loads an adapter into a running vLLM server: (endpoint URL, JSON body)."""
+    return f"{url.rstrip('/')}/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+
+
 def load_lora_adapter(url: str, name: str, path: str, timeout: float = 120.0) -> None:
     """Load one more adapter into a running vLLM server (started with VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
     import httpx
 
-    resp = httpx.post(
-        f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=timeout
-    )
+    endpoint, body = load_lora_request(url, name, path)
+    try:
+        resp = httpx.post(endpoint, json=body, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as e:
+        raise TuneshipError(f"vLLM at {url} could not be asked to load adapter {name}: {e}") from e
     if resp.status_code != 200:
         raise TuneshipError(
             f"vLLM at {url} refused to load adapter {name}: HTTP {resp.status_code} {resp.text[:200]}"

@@ -109,8 +109,18 @@ def serve(
 
     SIGTERM or SIGINT stops everything, backends included.
     """
+    import tempfile
+    from pathlib import Path
+
     from tuneship.serve import launch
 
+    if not dry_run:
+        log_dir = log_dir or tempfile.mkdtemp(prefix="tuneship-serve-")
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    # how the router learns of backends started for versions added to the route while serving
+    backends_file = str(Path(log_dir) / "backends.json") if log_dir else None
+    if backends_file and not dry_run:
+        Path(backends_file).unlink(missing_ok=True)  # a previous run's backends are gone
     env: dict[str, str] = {}
     if api_key:
         env[API_KEY_ENV] = api_key
@@ -128,6 +138,7 @@ def serve(
         threads=threads,
         api_key_env=API_KEY_ENV if api_key else None,
         router_options=router_options,
+        backends_file=backends_file,
     )
     plan = launch.plan_target(target, options)
     if plan.backend == "vllm" and not dry_run and not (launch.has_gpu() and launch.vllm_importable()):
@@ -149,7 +160,7 @@ def serve(
             f"serving {plan.model} on {plan.url}/v1 (logs in {sup.log_dir}); Ctrl-C stops",
         )
 
-    code = launch.run_until_signal(sup, on_ready=ready)
+    code = launch.run_until_signal(sup, on_ready=ready, follower=plan.follower)
     if code:
         raise TuneshipError(f"a serving process died; see the logs in {sup.log_dir}")
 

@@ -5,6 +5,19 @@ The `Supervisor` starts each process in its own process group (so a stop reaches
 vLLM server's workers), waits until each answers its ready path, and on `stop()` sends SIGTERM to every group,
 then SIGKILL to what is still there after a grace period. On Linux, children also get SIGTERM if the
 supervisor itself dies (PR_SET_PDEATHSIG), so no backend outlives it.
+
+Versions that join the route while serving (`tuneship registry promote NAME@v3 --to canary`): the router stays
+its own process, and the serving process (the one running the supervisor) follows the route with a
+`RouteFollower`, polled from `run_until_signal`'s loop. When the registry's route revision changes and the route
+holds a version with no backend, it starts one: llama.cpp, a llama-cpp-python server on a free port for that
+version's GGUF of the chosen quant, waited on until it answers; vLLM, the adapter loaded into the running server
+through POST /v1/load_lora_adapter. Only then does it rewrite the backends file (`--backends-file`, in the log
+directory) that the router polls, so the version's traffic moves to a backend that is already up, and no request
+in flight is touched (the router swaps in a new backend table). A version whose backend fails to start is
+logged with the reason and stays out of the router's table, so it gets no traffic (with a stable and a canary,
+its users stay on stable); it is tried again only when the route's revision changes again. A version that
+leaves the route keeps its backend (and stays reachable as NAME@vN): it costs one idle process, and a version
+that comes back, as after a rollback and re-promotion, gets traffic at once. Everything stops with the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +37,16 @@ from pathlib import Path
 from tuneship.artifacts import RECORD
 from tuneship.errors import TuneshipError
 from tuneship.progress import log
-from tuneship.serve.backends import LaunchSpec, LoraModule, llamacpp_spec, vllm_merged_spec, vllm_spec
+from tuneship.serve.backends import (
+    LaunchSpec,
+    LoraModule,
+    base_label,
+    llamacpp_spec,
+    load_lora_adapter,
+    same_base,
+    vllm_merged_spec,
+    vllm_spec,
+)
 
 DEFAULT_QUANT = "Q4_K_M"
 
@@ -46,6 +68,7 @@ class ServePlan:
     model: str  # the model name clients send
     runnable: bool = True
     notes: list[str] = field(default_factory=list)
+    follower: RouteFollower | None = None  # registry names: starts backends for versions added later
 
     def as_dict(self) -> dict:
         return {
@@ -70,6 +93,7 @@ def router_spec(
     api_key_env: str | None = None,
     options: list[str] | tuple[str, ...] = (),
     python: str | None = None,
+    backends_file: str | None = None,
 ) -> LaunchSpec:
     """The router as its own process: `python -m tuneship.serve.router --backend NAME:vN=URL#MODEL ...`."""
     argv = [python or sys.executable, "-m", "tuneship.serve.router"]
@@ -80,6 +104,8 @@ def router_spec(
     argv += ["--host", host, "--port", str(port)]
     if api_key_env:
         argv += ["--api-key-env", api_key_env]
+    if backends_file:
+        argv += ["--backends-file", str(backends_file)]
     argv += list(options)
     return LaunchSpec(role="router", label="router", argv=argv, host=host, port=port, ready_path="/ready")
 
@@ -130,8 +156,10 @@ def plan_registry(
     api_key_env: str | None = None,
     router_options: list[str] | tuple[str, ...] = (),
     ports: list[int] | None = None,
+    backends_file: str | None = None,
 ) -> ServePlan:
-    """Backends for every version on NAME's route (each on a free port) and the router on `port`."""
+    """Backends for every version on NAME's route (each on a free port) and the router on `port`.
+    With `backends_file`, the plan's `follower` starts backends for versions added to the route later."""
     from tuneship import registry
 
     route = registry.export_route(name, root=root)
@@ -171,12 +199,145 @@ def plan_registry(
             backends[v] = (spec.url + "/v1", f"{name}-{v}")
     else:
         raise TuneshipError(f"unknown backend {backend!r}; choose llamacpp or vllm")
-    rspec = router_spec(name, backends, host, port, root_arg, api_key_env=api_key_env, options=router_options)
+    rspec = router_spec(
+        name,
+        backends,
+        host,
+        port,
+        root_arg,
+        api_key_env=api_key_env,
+        options=router_options,
+        backends_file=backends_file,
+    )
     specs.append(rspec)
     notes = [
         f"route revision {route['revision']}: weights {route['weights']} (stable {route['stable']}, canary {route['canary']})"
     ]
-    return ServePlan(name, "registry", backend, specs, rspec.url, name, notes=notes)
+    follower = None
+    if backends_file:
+        follower = RouteFollower(
+            name,
+            root_arg,
+            backend,
+            backends_file,
+            backends,
+            int(route["revision"]),
+            backend_host=backend_host,
+            quant=quant,
+            n_ctx=n_ctx,
+            threads=threads,
+        )
+        if backend == "vllm":
+            follower.vllm_url, follower.vllm_base = specs[0].url, versions[route["stable"]]["base_model"]
+        notes.append(f"versions added to the route later get a backend; the router reads {backends_file}")
+    return ServePlan(name, "registry", backend, specs, rspec.url, name, notes=notes, follower=follower)
+
+
+class RouteFollower:
+    """Start a backend for each version that joins NAME's route while serving; tell the router once it is up.
+
+    `backends` is the router's table as started ({vN: (base URL ending in /v1, model name)}); `check(sup)`
+    is cheap while the route's revision is unchanged (one SQLite query)."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        backend: str,
+        backends_file: str | Path,
+        backends: dict[str, tuple[str, str]],
+        revision: int,
+        backend_host: str = "127.0.0.1",
+        quant: str = DEFAULT_QUANT,
+        n_ctx: int = 2048,
+        threads: int | None = None,
+    ):
+        self.name = name
+        self.root = root
+        self.backend = backend
+        self.backends_file = Path(backends_file)
+        self.backends = dict(backends)
+        self.revision = revision
+        self.backend_host = backend_host
+        self.quant = quant
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.failed: dict[str, int] = {}  # version -> route revision it failed to start at
+        self.vllm_url: str | None = None  # vLLM: the running server, and the base its adapters must share
+        self.vllm_base: dict | None = None
+
+    def check(self, sup: Supervisor) -> list[str]:
+        """Start backends for the route's versions that have none; return the versions added."""
+        from tuneship import registry
+
+        try:
+            rev = int(registry.route_revision(self.name, root=self.root))
+            if rev == self.revision:
+                return []
+            route = registry.export_route(self.name, root=self.root)
+        except Exception as e:  # the registry is busy or broken: keep serving, look again next time
+            log(f"serve: reading the route of {self.name} failed ({e}); trying again")
+            return []
+        self.revision = rev = int(route["revision"])
+        added = []
+        for version, info in route["versions"].items():
+            if version in self.backends or self.failed.get(version) == rev:
+                continue
+            try:
+                self.backends[version] = self.start(sup, version, info)
+            except TuneshipError as e:
+                self.failed[version] = rev
+                log(
+                    f"serve: {self.name}@{version} joined the route but its backend failed to start, so it gets "
+                    f"no traffic (its share stays on the other versions): {e}"
+                )
+                continue
+            self.failed.pop(version, None)
+            added.append(version)
+            self.write()
+            log(f"serve: {self.name}@{version} is up at {self.backends[version][0]}; the router adds it")
+        return added
+
+    def start(self, sup: Supervisor, version: str, info: dict) -> tuple[str, str]:
+        model = f"{self.name}-{version}"
+        if self.backend == "vllm":
+            assert self.vllm_url and self.vllm_base is not None
+            if not same_base(info.get("base_model") or {}, self.vllm_base):
+                raise TuneshipError(
+                    f"it was trained on {base_label(info.get('base_model') or {})}, but the vLLM server's base is "
+                    f"{base_label(self.vllm_base)}"
+                )
+            log(f"serve: loading {self.name}@{version} into vLLM at {self.vllm_url}")
+            load_lora_adapter(self.vllm_url, model, info["adapter_path"])
+            return self.vllm_url + "/v1", model
+        gguf = _version_gguf(self.name, version, info, self.quant)
+        spec = llamacpp_spec(
+            gguf,
+            model,
+            host=self.backend_host,
+            port=free_port(self.backend_host),
+            n_ctx=self.n_ctx,
+            n_threads=self.threads,
+            label=f"{self.name}@{version}",
+            version=version,
+        )
+        log(f"serve: starting {spec.label} for the route: {spec.shell()}")
+        sup.start_one(spec)
+        try:
+            took = sup.wait_ready(spec)
+        except TuneshipError:
+            sup.stop_one(spec.label)
+            raise
+        sup.specs.append(spec)
+        log(f"serve: {spec.label} ready on {spec.url} ({took:.1f} s)")
+        return spec.url + "/v1", model
+
+    def write(self) -> None:
+        """Rewrite the backends file in one rename, so the router never reads half of it."""
+        table = {v: {"url": url, "model": model} for v, (url, model) in sorted(self.backends.items())}
+        tmp = self.backends_file.with_name(self.backends_file.name + ".tmp")
+        tmp.write_text(json.dumps({self.name: table}, indent=1))
+        os.replace(tmp, self.backends_file)
 
 
 @dataclass
@@ -191,6 +352,7 @@ class ServeOptions:
     threads: int | None = None
     api_key_env: str | None = None  # the variable holding the bearer key, when one is required
     router_options: list[str] = field(default_factory=list)
+    backends_file: str | None = None  # registry names: lets the router take backends started later
 
 
 def plan_target(target: str, o: ServeOptions) -> ServePlan:
@@ -241,6 +403,7 @@ def plan_target(target: str, o: ServeOptions) -> ServePlan:
         threads=o.threads,
         api_key_env=o.api_key_env,
         router_options=o.router_options,
+        backends_file=o.backends_file,
     )
 
 
@@ -384,6 +547,22 @@ class Supervisor:
             raise
         return times
 
+    def stop_one(self, label: str, grace: float = 10.0) -> None:
+        """Stop one process group (SIGTERM, then SIGKILL) and forget it."""
+        proc = self.procs.pop(label, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
     def exited(self) -> list[tuple[str, int]]:
         return [(label, p.returncode) for label, p in self.procs.items() if p.poll() is not None]
 
@@ -421,13 +600,16 @@ class Supervisor:
         self.stop()
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # not an Exception: it must get through handlers of backend start-up failures
     pass
 
 
-def run_until_signal(sup: Supervisor, on_ready=None) -> int:
+def run_until_signal(
+    sup: Supervisor, on_ready=None, follower: RouteFollower | None = None, poll_interval: float = 1.0
+) -> int:
     """Start everything, then block until SIGTERM/SIGINT (exit 0) or until the router dies (exit 1).
-    Either way every process group is stopped before returning."""
+    With a `follower`, versions added to the route meanwhile get backends. Either way every process group is
+    stopped before returning."""
     got: list[int] = []
 
     def handler(signum, frame):
@@ -437,11 +619,15 @@ def run_until_signal(sup: Supervisor, on_ready=None) -> int:
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     reported: set[str] = set()
+    next_check = 0.0
     try:
         sup.start()
         if on_ready:
             on_ready()
         while True:
+            if follower is not None and time.monotonic() >= next_check:
+                follower.check(sup)
+                next_check = time.monotonic() + poll_interval
             for label, code in sup.exited():
                 if label == "router" or len(sup.procs) == 1:
                     log(f"{label} exited with status {code}; stopping")

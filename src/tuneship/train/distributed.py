@@ -297,6 +297,11 @@ def apply(cfg, device: str, dtype, model_kwargs: dict, sft_kwargs: dict) -> list
     notes.append(
         f"distributed: FSDP {d.fsdp_sharding}, 4-bit weights stored in {str(dtype).removeprefix('torch.')}"
     )
+    if sft_kwargs.get("optim") == "adamw_torch_fused":
+        # Seen on an H100: torch's fused AdamW fails at the first step over FSDP1's flat LoRA parameters
+        # ("Tensors of the same index must be on the same device and the same dtype").
+        sft_kwargs["optim"] = "adamw_torch"
+        notes.append("distributed: FSDP uses adamw_torch (the fused AdamW fails on FSDP's flat parameters)")
     return notes
 
 
