@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -71,7 +72,9 @@ def test_version_added_while_serving_gets_a_backend_then_traffic(adapter_dir, se
     reg.promote(v1, to="stable", root=root)
 
     port, logs = free_port(), tmp_path / "logs"
-    cmd = [sys.executable, "-m", "tuneship.cli", "serve", NAME, "--root", str(root), "--port", str(port)]
+    exe = Path(sys.executable).with_name("tuneship")  # the installed console script, as users run it
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tuneship.cli"]
+    cmd += ["serve", NAME, "--root", str(root), "--port", str(port)]
     cmd += ["--threads", "1", "--log-dir", str(logs), "--no-watcher", "--json"]
     err_path = tmp_path / "serve.stderr"
     with open(err_path, "wb") as err:

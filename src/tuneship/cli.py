@@ -147,4 +147,8 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m tuneship.cli`: run the importable module, so that stage commands, which import
+    # `tuneship.cli`, share its state (the real stdout of a --json command) with this entry point.
+    from tuneship.cli import run as _run
+
+    _run()

@@ -24,6 +24,7 @@ _EXPORTS = {
     "WatcherConfig": "tuneship.serve.watcher",
     "Supervisor": "tuneship.serve.launch",
     "plan_registry": "tuneship.serve.launch",
+    "RouteFollower": "tuneship.serve.launch",
     "plan_gguf": "tuneship.serve.launch",
 }
 
