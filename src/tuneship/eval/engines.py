@@ -11,6 +11,7 @@ All of them decode greedily (temperature 0, no repetition penalty) from the same
 
 from __future__ import annotations
 
+import abc
 import gc
 import os
 import threading
@@ -143,7 +144,9 @@ class MemoryWatch:
         self.peak = max(self.peak, self._rss())
 
 
-class Engine:
+class Engine(abc.ABC):
+    """One way of running a model; subclasses implement `load` and `generate`."""
+
     kind = "?"
 
     def __init__(self, spec: ModelSpec, opts: EngineOptions):
@@ -152,14 +155,16 @@ class Engine:
         self.template: dict = {"chat_template_sha256": None, "stop_tokens": None}
         self.footprint: dict = {}
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 (optional hook; most engines have nothing to check)
         """Cheap checks before any model is loaded (an endpoint is reachable, ...)."""
 
+    @abc.abstractmethod
     def load(self) -> None:
-        raise NotImplementedError
+        """Load the model (and record its template and footprint)."""
 
+    @abc.abstractmethod
     def generate(self, prompts: list[list[dict]], desc: str = "") -> list[Generation]:
-        raise NotImplementedError
+        """Greedy answers for `prompts`, in order."""
 
     def close(self) -> None:
         gc.collect()
