@@ -172,7 +172,9 @@ def test_failover_to_stable_with_cooldown_and_metrics(stubs, start_router):
     assert (
         f'tuneship_router_requests_total{{code="200",model="{NAME}",version="v1"}} {len(v2_users)}.0' in text
     )
-    assert 'tuneship_router_tokens_total{model="jobs",type="completion",version="v1"}' in text
+    n = len(v2_users)  # the stub's usage: 5 prompt and 7 completion tokens per answer
+    assert f'tuneship_router_tokens_total{{model="jobs",type="completion",version="v1"}} {7 * n}.0' in text
+    assert f'tuneship_router_tokens_total{{model="jobs",type="prompt",version="v1"}} {5 * n}.0' in text
     assert 'tuneship_router_request_seconds_bucket{le="0.5",model="jobs",version="v2"} 1.0' in text
     assert r.get("/ready").json()["ready"] is True
 

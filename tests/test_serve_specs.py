@@ -148,7 +148,17 @@ def test_serve_name_dry_run_lists_a_backend_per_version_and_the_router(capsys, a
         f.write_bytes(b"GGUF" + v.encode())
         reg.attach_result(f"{NAME}@{v}", "gguf", {"quant": "Q4_K_M"}, artifact=f, root=root)
     rc, plan, _ = run_json(
-        capsys, "serve", NAME, "--root", str(root), "--port", "8200", "--dry-run", "--json"
+        capsys,
+        "serve",
+        NAME,
+        "--root",
+        str(root),
+        "--port",
+        "8200",
+        "--router-workers",
+        "3",
+        "--dry-run",
+        "--json",
     )
     assert rc == 0 and plan["url"] == "http://127.0.0.1:8200" and plan["model"] == NAME
     backends = [p for p in plan["processes"] if p["role"] == "backend"]
@@ -158,7 +168,11 @@ def test_serve_name_dry_run_lists_a_backend_per_version_and_the_router(capsys, a
     assert len(ports) == 2 and 8200 not in ports
     expected = [f"{NAME}:{v}={b['url']}/v1#{NAME}-{v}" for v, b in zip(("v1", "v2"), backends, strict=True)]
     got = [router["argv"][i + 1] for i, a in enumerate(router["argv"]) if a == "--backend"]
-    assert got == expected and arg(router["argv"], "--port") == "8200"
+    assert (
+        got == expected
+        and arg(router["argv"], "--port") == "8200"
+        and arg(router["argv"], "--workers") == "3"
+    )
     assert Path(arg(router["argv"], "--root")) == Path(root)
     for b, v in zip(backends, ("v1", "v2"), strict=True):
         assert Path(arg(b["argv"], "--model")).read_bytes() == b"GGUF" + v.encode()

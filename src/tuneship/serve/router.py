@@ -1,7 +1,7 @@
 """The A/B router: one OpenAI-compatible endpoint in front of several versions of a model.
 
-`build_app(RouterConfig)` returns a Starlette app; `python -m tuneship.serve.router ...` runs it as its own
-process under uvicorn. Per request it:
+`build_app(RouterConfig)` returns the ASGI app; `python -m tuneship.serve.router ...` runs it as its own
+process under uvicorn, or as several processes on one port with `--workers N` (tuneship.serve.workers). Per request it:
 1. checks the bearer key, when one is set (constant-time compare);
 2. maps the public `model` name to a version: sticky by the `user` field or the `X-User-Id` header
    (weighted rendezvous hashing), weighted random without a key; `NAME@vN` pins a version;
@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +64,12 @@ VERSION_HEADER = "X-Tuneship-Version"
 JSON_HEADERS = {"content-type": "application/json"}
 # connection refused or reset, a timeout, a server that hung up mid-answer
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+# per-request work the router does not need: no access log, no Server/Date headers, no X-Forwarded-* rewriting
+UVICORN_OPTIONS = dict(
+    log_level="warning", access_log=False, server_header=False, date_header=False, proxy_headers=False
+)
+# `usage` token counts in an OpenAI answer; a quote inside a string value is escaped, so content cannot match
+USAGE_RE = re.compile(rb'(?<!\\)"(prompt|completion)_tokens"\s*:\s*(\d+)')
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -101,8 +109,12 @@ def _error(
 
 
 class Metrics:
+    """Per-version metrics. With several router processes (PROMETHEUS_MULTIPROC_DIR set), prometheus-client keeps
+    each process's values in files there, and `expose` sums them, so any process's /metrics shows all traffic."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         r = self.registry
         self.requests = Counter(
             "tuneship_router_requests",
@@ -136,21 +148,39 @@ class Metrics:
             registry=r,
         )
         self.weight = Gauge(
-            "tuneship_router_route_weight", "Route weight by version", ["model", "version"], registry=r
+            "tuneship_router_route_weight",
+            "Route weight by version",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.up = Gauge(
             "tuneship_router_backend_up",
-            "1 unless the backend is in its cool-down",
+            "1 unless the backend is in its cool-down (in any router process)",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.revision = Gauge(
-            "tuneship_router_route_revision", "Route revision served", ["model"], registry=r
+            "tuneship_router_route_revision",
+            "Route revision served",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.rollbacks = Counter(
             "tuneship_router_rollbacks", "Automatic rollbacks", ["model", "version"], registry=r
         )
         self._children: dict[tuple, object] = {}
+
+    def expose(self) -> bytes:
+        if not self.multiproc_dir:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiproc_dir)
+        return generate_latest(merged)
 
     def child(self, metric, *labels):
         key = (id(metric), *labels)
@@ -161,14 +191,25 @@ class Metrics:
 
 
 class Router:
-    def __init__(self, config: RouterConfig):
+    """One router process. Alone (`link=None`) it also runs the watcher. As one of several workers
+    (tuneship.serve.workers) it sends its samples through `link` to the parent, which runs the one watcher
+    over every worker's traffic, and takes route changes from it."""
+
+    def __init__(self, config: RouterConfig, link=None):
         self.config = config
         self.sources = {s.name: s for s in config.sources}
         self.routes: dict[str, Route] = {}
         self.live: dict[str, dict[str, float]] = {}  # name -> weights of versions that have a backend
         self.down_until: dict[tuple[str, str], float] = {}
         self.metrics = Metrics()
-        self.watcher = Watcher(config.watcher) if config.watcher else None
+        self.link = link
+        self.watcher = Watcher(config.watcher) if config.watcher and link is None else None
+        # where each request's outcome goes: this process's watcher, the parent's (through the link), or nowhere
+        self.sink = (
+            self.watcher.record if self.watcher else link.record if (link and config.watcher) else None
+        )
+        # called with ("route", Route) after each install and ("rollback", (name, version)) after a rollback
+        self.notify = None
         self.session: aiohttp.ClientSession | None = None
         self._key = config.api_key.encode() if config.api_key else None
         self._tasks: list[asyncio.Task] = []
@@ -200,6 +241,8 @@ class Router:
         self.metrics.child(self.metrics.revision, route.name).set(route.revision)
         if old is not None and old.revision != route.revision:
             log(f"router: {route.name} reloaded at revision {route.revision}: weights {route.weights}")
+        if self.notify:
+            self.notify("route", route)
 
     def reload_backends(self) -> None:
         """Merge the backends file into the backend table when it changed (backends are only added)."""
@@ -277,6 +320,8 @@ class Router:
                 try:
                     await asyncio.to_thread(self.sources[name].rollback, canary, reason, evidence)
                     self.metrics.child(self.metrics.rollbacks, name, canary).inc()
+                    if self.notify:
+                        self.notify("rollback", (name, canary))
                     self.install(await asyncio.to_thread(self.sources[name].load))
                     self.watcher.reset(name, canary)
                 except Exception as e:
@@ -300,8 +345,8 @@ class Router:
         m = self.metrics
         m.child(m.errors, name, version, kind).inc()
         m.child(m.up, name, version).set(0)
-        if self.watcher:
-            self.watcher.record(name, version, Sample(False, latency))
+        if self.sink:
+            self.sink(name, version, Sample(False, latency))
 
     def plan(self, name: str, route: Route, first: str, pinned: bool) -> list[str]:
         """Versions to try, in order: the chosen one (unless down), then stable, then the rest by weight."""
@@ -316,20 +361,50 @@ class Router:
         up = [v for v in order if not self.is_down(name, v)]
         if first not in up:
             self.metrics.child(self.metrics.errors, name, first, "down").inc()
-            if self.watcher:
-                self.watcher.record(name, first, Sample(False, 0.0))
+            if self.sink:
+                self.sink(name, first, Sample(False, 0.0))
         return (up or order)[: self.config.max_retries + 1]
 
     # ---- requests -----------------------------------------------------------------------------------------
-    def authorized(self, request: Request) -> bool:
+    def authorized(self, header: str | bytes | None) -> bool:
+        """Whether an Authorization header value carries the key (always, when no key is set)."""
         if self._key is None:
             return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
 
-    async def proxy(self, request: Request, path: str) -> Response:
-        if not self.authorized(request):
+    async def asgi_proxy(self, scope, receive, send, path: str) -> None:
+        """The hot path as plain ASGI: no Request/Response objects and no middleware for a plain answer
+        (they cost about a sixth of the router's CPU per request); errors and streams use Starlette's."""
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        result = await self.proxy(dict(scope["headers"]), b"".join(chunks), path)
+        if isinstance(result, Response):
+            await result(scope, receive, send)
+            return
+        status, content, content_type, version = result
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(content)).encode()),
+                    (b"x-tuneship-version", version.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+    async def proxy(self, headers: dict[bytes, bytes], raw: bytes, path: str) -> Response | tuple:
+        """One request: a Starlette response (errors, streams), or (status, body, content type, version)."""
+        if not self.authorized(headers.get(b"authorization")):
             resp = _error(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -338,7 +413,6 @@ class Router:
             )
             resp.headers["WWW-Authenticate"] = "Bearer"
             return resp
-        raw = await request.body()
         try:
             body = json.loads(raw)
         except ValueError as e:
@@ -370,7 +444,7 @@ class Router:
                 )
             first = tag
         else:
-            user = body.get("user") or request.headers.get("x-user-id")
+            user = body.get("user") or headers.get(b"x-user-id", b"").decode("latin-1")
             first = pick_sticky(str(user), live) if user else pick_random(live)
             if first is None:
                 return _error(503, f"no version of {name} has traffic weight", "server_error", "no_route")
@@ -430,12 +504,8 @@ class Router:
                 )
                 continue
             self.finished(name, version, resp.status, time.perf_counter() - t0, content)
-            return Response(
-                content,
-                status_code=resp.status,
-                media_type=resp.content_type or "application/json",
-                headers={VERSION_HEADER: version},
-            )
+            ctype = resp.headers.get("content-type") or "application/json"
+            return resp.status, content, ctype.encode("latin-1"), version
         assert last is not None
         self.metrics.child(self.metrics.requests, name, versions[-1], str(last.status_code)).inc()
         return last
@@ -449,16 +519,13 @@ class Router:
         m.child(m.latency, name, version).observe(latency)
         json_ok = None
         if content is not None and b'"usage"' in content:
-            try:
-                usage = json.loads(content).get("usage") or {}
-                m.child(m.tokens, name, version, "prompt").inc(usage.get("prompt_tokens") or 0)
-                m.child(m.tokens, name, version, "completion").inc(usage.get("completion_tokens") or 0)
-            except (ValueError, AttributeError, TypeError):
-                pass
-        if self.watcher:
-            if self.watcher.config.json_signal and content is not None:
+            # the counts without parsing the whole answer (a sixth of the per-request cost when parsed)
+            for kind, count in USAGE_RE.findall(content):
+                m.child(m.tokens, name, version, kind.decode()).inc(int(count))
+        if self.sink:
+            if self.config.watcher.json_signal and content is not None:
                 json_ok = is_json_content(content)
-            self.watcher.record(name, version, Sample(True, latency, json_ok))
+            self.sink(name, version, Sample(True, latency, json_ok))
 
     async def relay(self, name, version, resp: aiohttp.ClientResponse, chunks, first: bytes, t0: float):
         """Pass an SSE stream through as it arrives. A failure here cannot be retried: bytes were sent."""
@@ -485,7 +552,7 @@ class Router:
 
     # ---- small endpoints ----------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
-        if not self.authorized(request):
+        if not self.authorized(request.headers.get("authorization")):
             return _error(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -525,11 +592,12 @@ class Router:
         )
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"}, headers={VERSION_HEADER: "none"})
+        # pid: which router process answered (several share the port with --workers)
+        return JSONResponse({"status": "ok", "pid": os.getpid()}, headers={VERSION_HEADER: "none"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(
-            generate_latest(self.metrics.registry),
+            self.metrics.expose(),
             media_type=CONTENT_TYPE_LATEST,
             headers={VERSION_HEADER: "none"},
         )
@@ -543,11 +611,18 @@ class Router:
             # no total limit (streams may run long); connecting and each read are bounded
             timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout, sock_read=c.request_timeout),
             trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies; and it saves work per request
         )
         await self.load_all()
+        if os.environ.get("TUNESHIP_ROUTER_GC_FREEZE", "1") == "1":
+            # what exists now lives as long as the process: keep it out of the collector's full passes
+            gc.collect()
+            gc.freeze()
         self._tasks = [asyncio.create_task(self.poll_routes())]
         if self.watcher:
             self._tasks.append(asyncio.create_task(self.watch()))
+        if self.link:
+            self._tasks.append(asyncio.create_task(self.link.run(self)))
         try:
             yield
         finally:
@@ -565,15 +640,29 @@ def _kind(e: BaseException) -> str:
     return type(e).__name__
 
 
-def build_app(config: RouterConfig) -> Starlette:
+class RouterApp:
+    """The ASGI app: POSTs to the two completion paths go straight to the router; the rest (the small
+    endpoints, wrong methods, unknown paths, the lifespan) goes through Starlette."""
+
+    HOT = {"/v1/chat/completions": "/chat/completions", "/v1/completions": "/completions"}
+
+    def __init__(self, router: Router, app: Starlette):
+        self.router = router
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            upstream_path = self.HOT.get(scope["path"])
+            if upstream_path is not None:
+                await self.router.asgi_proxy(scope, receive, send, upstream_path)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(config: RouterConfig, link=None) -> RouterApp:
     """The router as an ASGI app (its lifespan opens the client and starts the reload and watcher tasks)."""
-    router = Router(config)
-
-    async def chat(request: Request) -> Response:
-        return await router.proxy(request, "/chat/completions")
-
-    async def completions(request: Request) -> Response:
-        return await router.proxy(request, "/completions")
+    router = Router(config, link)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _error(
@@ -583,8 +672,9 @@ def build_app(config: RouterConfig) -> Starlette:
     app = Starlette(
         exception_handlers={HTTPException: http_error},
         routes=[
-            HttpRoute("/v1/chat/completions", chat, methods=["POST"]),
-            HttpRoute("/v1/completions", completions, methods=["POST"]),
+            # POST is served by RouterApp before Starlette; these routes answer other methods with a 405
+            HttpRoute("/v1/chat/completions", _post_only, methods=["POST"]),
+            HttpRoute("/v1/completions", _post_only, methods=["POST"]),
             HttpRoute("/v1/models", router.models, methods=["GET"]),
             HttpRoute("/health", router.health, methods=["GET"]),
             HttpRoute("/ready", router.ready, methods=["GET"]),
@@ -593,7 +683,11 @@ def build_app(config: RouterConfig) -> Starlette:
         lifespan=router.lifespan,
     )
     app.state.router = router
-    return app
+    return RouterApp(router, app)
+
+
+async def _post_only(request: Request) -> Response:  # pragma: no cover - RouterApp answers every POST
+    raise HTTPException(405)
 
 
 # ---- its own process ----------------------------------------------------------------------------------------
@@ -630,6 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="router processes sharing the port (SO_REUSEPORT); one process tops out at one core",
+    )
+    p.add_argument(
         "--api-key-env", default="TUNESHIP_API_KEY", help="environment variable holding the bearer key"
     )
     p.add_argument("--cooldown", type=float, default=10.0)
@@ -664,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
                 sources.append(StaticRouteSource(name, fixed[name], stable.get(name), canary.get(name)))
             else:
                 sources.append(RegistryRouteSource(name, a.root))
+        if a.workers < 1:
+            raise TuneshipError(f"--workers must be 1 or more, not {a.workers}")
         config = RouterConfig(
             sources=sources,
             backends=backends,
@@ -682,7 +784,16 @@ def main(argv: list[str] | None = None) -> int:
     except (TuneshipError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    uvicorn.run(build_app(config), host=a.host, port=a.port, log_level="warning", access_log=False)
+    if a.workers > 1:
+        from tuneship.serve.workers import WorkerPool
+
+        try:
+            pool = WorkerPool(config, a.host, a.port, a.workers)
+        except TuneshipError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        return pool.run()
+    uvicorn.run(build_app(config), host=a.host, port=a.port, **UVICORN_OPTIONS)
     return 0
 
 
