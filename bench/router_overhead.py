@@ -261,10 +261,12 @@ def stack() -> str:
     return ", ".join(parts)
 
 
-def start_router(port: int, up_port: int, workers: int, env: dict) -> subprocess.Popen:
+def start_router(port: int, up_port: int, workers: int, env: dict, cpus: set[int] | None) -> subprocess.Popen:
     url = f"http://127.0.0.1:{up_port}/v1"
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
     return subprocess.Popen(
-        [sys.executable, "-m", "tuneship.serve.router", "--port", str(port), "--workers", str(workers)]
+        pin
+        + [sys.executable, "-m", "tuneship.serve.router", "--port", str(port), "--workers", str(workers)]
         + ["--backend", f"bench:v1={url}#bench-v1", "--backend", f"bench:v2={url}#bench-v2"]
         + ["--weights", "bench=v1:90,v2:10", "--stable", "bench=v1", "--canary", "bench=v2"],
         env=env,
@@ -293,6 +295,11 @@ def main() -> int:
         "--rate", type=float, default=2000.0, help="open-loop offered load in req/s (0: closed loop only)"
     )
     p.add_argument("--out", help="also write the results as JSON to this file")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="1-worker router on the last core, client and upstream on the others (less scheduler noise)",
+    )
     p.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: run only the upstream
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     a = p.parse_args()
@@ -302,6 +309,11 @@ def main() -> int:
     load_before = os.getloadavg()
     up_port = free_port()
     env = {**os.environ, "TUNESHIP_QUIET": "1"}
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.pin and len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 cores")
+    if a.pin:
+        os.sched_setaffinity(0, cpus[:-1])  # this client and the upstream it starts
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)], env=env)
     results: dict = {"direct": {}, "routed": {}}
     try:
@@ -314,7 +326,7 @@ def main() -> int:
                 results["direct"][c]["open"] = asyncio.run(load(up_port, c, a.seconds, offered(a.rate, c)))
         for w in a.workers:
             port = free_port()
-            router = start_router(port, up_port, w, env)
+            router = start_router(port, up_port, w, env, {cpus[-1]} if a.pin and w == 1 else set(cpus))
             try:
                 wait_port(port)
                 time.sleep(1.0 if w > 1 else 0.2)  # every worker up
@@ -337,6 +349,7 @@ def main() -> int:
         "seconds": a.seconds,
         "rate": a.rate,
         "date": time.strftime("%Y-%m-%d"),
+        "pinned": a.pin,
     }
     print(f"machine: {info['machine']}")
     print(

@@ -177,7 +177,8 @@ def test_canary_backend_killed_under_load_fails_over_to_stable(
 
 
 def test_tuneship_serve_name_runs_backends_and_router_and_stops_cleanly(serve_registry, tmp_path):
-    """The real command: backends on free ports, the router on --port, a bearer key, SIGTERM stops all."""
+    """The real command: backends on free ports, two router workers on --port, a bearer key, SIGTERM stops
+    all (test_serve_reload.py runs the same command with one router process)."""
     from tuneship.serve.launch import free_port
 
     port = free_port()
@@ -193,7 +194,7 @@ def test_tuneship_serve_name_runs_backends_and_router_and_stops_cleanly(serve_re
         "--port",
         str(port),
     ]
-    cmd += ["--threads", "1", "--log-dir", str(tmp_path / "logs"), "--json"]
+    cmd += ["--threads", "1", "--log-dir", str(tmp_path / "logs"), "--router-workers", "2", "--json"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
     )
@@ -208,9 +209,15 @@ def test_tuneship_serve_name_runs_backends_and_router_and_stops_cleanly(serve_re
         version, answer = ask(client, "cli-user")
         assert version in ("v1", "v2") and answer.model == f"{NAME}-{version}"
         assert httpx.get(f"{summary['url']}/v1/models", trust_env=False).status_code == 401
+        # fresh connections: SO_REUSEPORT spreads them over both router workers
+        pids = {httpx.get(f"{summary['url']}/health", trust_env=False).json()["pid"] for _ in range(40)}
+        assert len(pids) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert port_closed(port) and all(port_closed(p) for p in backend_ports)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
