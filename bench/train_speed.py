@@ -14,8 +14,9 @@ variant runs in its own process (clean memory peak, no monkey-patches leaking be
   peft's prepare_model_for_kbit_training, gradient checkpointing, sdpa, LoRA r=16 on all linear layers,
   PagedAdamW8bit, loss from the full logits;
 - the tuneship variants add one lever at a time, through the train stage's own code (`apply_speed`,
-  `patch_model`, TRL's fused LM head as SFTTrainer installs it, LoRA weights in bf16 as SFTTrainer casts them,
-  bf16 autocast as the Trainer runs with bf16=True).
+  `patch_model`, `patch_trainer` (compile_layers), TRL's fused LM head as SFTTrainer installs it, LoRA weights in
+  bf16 as SFTTrainer casts them, bf16 autocast as the Trainer runs with bf16=True).
+Compiled variants get 3 more warm-up steps; `warmup_extra_s` (warm-up time beyond steady steps) is their compile time.
 Timing: forward + backward + optimizer step, synchronized, median over the steps after the warm-up steps.
 MFU counts 4N FLOPs per token (frozen base: forward + input gradients) against 989 TFLOP/s (H100 dense bf16).
 A real-text run (token ids of local English text, SmolLM2 tokenizer) compares the per-step loss of the stock
@@ -71,6 +72,8 @@ ALL_OFF = dict(
     checkpointing="full",
     fused_lora=False,
     fused_optimizer=False,
+    fused_qlora=False,
+    compile_layers=False,
 )
 LIGER = dict(liger_rms_norm=True, liger_swiglu=True, liger_rope=True)
 
@@ -103,9 +106,23 @@ VARIANTS: dict[str, tuple[str, dict | None, str]] = {
         dict(ALL_OFF, keep_bf16=True, fused_lora=True, **LIGER),
         "trl",
     ),
-    "fused_optim": ("+ fused AdamW instead of paged 8-bit AdamW", dict(checkpointing="full"), "trl"),
+    "fused_optim": (
+        "+ fused AdamW instead of paged 8-bit AdamW",
+        dict(checkpointing="full", fused_qlora=False, compile_layers=False),
+        "trl",
+    ),
+    "fused_qlora": (
+        "+ fused 4-bit + LoRA autograd function (one node per layer, dequantized weights kept for backward)",
+        dict(checkpointing="full", compile_layers=False),
+        "trl",
+    ),
+    "no_compile": (
+        "+ checkpointing=auto (the planner turns checkpointing off when it fits); Liger kernels, no compile",
+        dict(compile_layers=False),
+        "trl",
+    ),
     "tuneship": (
-        "+ checkpointing=auto (SpeedConfig defaults: the planner turns checkpointing off when it fits)",
+        "+ compile_layers, Liger not applied (SpeedConfig defaults: inductor fuses norm/SwiGLU/RoPE per layer)",
         {},
         "trl",
     ),
@@ -115,15 +132,42 @@ VARIANTS: dict[str, tuple[str, dict | None, str]] = {
         "trl",
     ),
     "no_liger": (
-        "tuneship without the Liger kernels",
-        dict(liger_rms_norm=False, liger_swiglu=False, liger_rope=False),
+        "no_compile without the Liger kernels",
+        dict(liger_rms_norm=False, liger_swiglu=False, liger_rope=False, compile_layers=False),
         "trl",
     ),
     "lora_fp32": ("tuneship with fp32 LoRA weights (bf16 compute)", dict(lora_fp32=True), "trl"),
     "tuneship_repeat": ("tuneship again (run-to-run spread)", {}, "trl"),
     "liger_flce": ("tuneship with Liger's fused linear cross-entropy instead of TRL's", {}, "liger"),
-    "compile": ("tuneship + torch.compile", dict(torch_compile=True), "trl"),
+    "compile": (
+        "tuneship with a whole-model torch.compile instead of per layer",
+        dict(torch_compile=True, compile_layers=False),
+        "trl",
+    ),
+    "no_fused_qlora": (
+        "tuneship without the fused 4-bit + LoRA function or compile (the 2026-11-25 default)",
+        dict(fused_qlora=False, compile_layers=False),
+        "trl",
+    ),
+    "qlora_no_save": (
+        "tuneship, the fused 4-bit + LoRA function dequantizing the weights again in backward",
+        dict(fused_qlora_save_weights=False),
+        "trl",
+    ),
+    "compile_peft": (
+        "tuneship without the fused 4-bit + LoRA function (compile traces peft's layers)",
+        dict(fused_qlora=False),
+        "trl",
+    ),
 }
+
+
+def compiled(name: str) -> bool:
+    """Variants that compile (more warm-up steps, a longer slot)."""
+    o = VARIANTS[name][1]
+    return o is not None and bool(o.get("torch_compile") or o.get("compile_layers", True))
+
+
 DEFAULT_VARIANT = "tuneship"  # the tuneship default recipe at 8 x 1024 on an 80 GB card
 
 
@@ -315,6 +359,8 @@ def run_variant(args) -> dict:
         "load_s": round(load_s, 1),
         "step_times": [round(t, 4) for t in times],
         "first_step_s": round(times[0], 3),
+        # time the warm-up steps took beyond steady-state steps: compile time for the compiled variants
+        "warmup_extra_s": round(sum(times[: args.warmup]) - args.warmup * med, 1),
         "loss_last": round(losses[-1], 4),
         "notes": notes,
         "device": device,
@@ -586,6 +632,8 @@ CORE = [
     "liger",
     "fused_lora",
     "fused_optim",
+    "fused_qlora",
+    "no_compile",
     "tuneship",
 ]  # run first; the rest after the curve and largest batch
 
@@ -614,7 +662,7 @@ def main_driver(a) -> None:
         if left() < 45:
             rows.append({"variant": name, "bs": bs, "seq": seq, "error": "skipped: out of time budget"})
             return
-        st, wu = (steps + 4, warmup + 3) if name == "compile" else (steps, warmup)
+        st, wu = (steps + 4, warmup + 3) if compiled(name) else (steps, warmup)
         r = sub(
             name,
             a,
@@ -622,7 +670,7 @@ def main_driver(a) -> None:
             seq,
             st,
             wu,
-            timeout=max(30, min(left() - 10, 300 if name == "compile" else 180)),
+            timeout=max(30, min(left() - 10, 360 if compiled(name) else 180)),
             profile=(name in ("stock", DEFAULT_VARIANT) and a.profile and gpu),
         )
         r["plan"] = planner_prediction(name, bs, seq, tiny)

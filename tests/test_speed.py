@@ -187,6 +187,124 @@ def test_fused_lora_add_matches_peft_forward_and_gradients(tiny_dir):
         assert m(input_ids=x, labels=x).loss.item() != pytest.approx(l0, rel=1e-4)
 
 
+def test_fused_qlora_keys_default_on_and_switch_off():
+    from tuneship.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, overrides=[])
+    assert cfg.speed.fused_qlora is True and cfg.speed.fused_qlora_save_weights is True
+    assert cfg.speed.compile_layers is True
+    cfg = load_config(
+        TrainConfig, overrides=["speed.fused_qlora=false", "speed.fused_qlora_save_weights=false"]
+    )
+    assert cfg.speed.fused_qlora is False and cfg.speed.fused_qlora_save_weights is False
+    with pytest.raises(TuneshipError, match="speed.compile_layers"):
+        load_config(TrainConfig, overrides=["speed.compile_layers=sometimes"])
+
+
+def test_on_the_cpu_fused_qlora_and_compile_layers_switch_off_with_a_reason(tiny_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuneship.train import speed
+
+    cfg = SpeedConfig(compile_layers=True)
+    notes = apply_speed(cfg, "cpu", {}, sft_defaults())
+    assert any("compile_layers is off on the CPU" in n for n in notes)
+    speed.enable_fused_qlora()  # left on by an earlier GPU run in this process: the CPU switches it off
+    m = load_4bit(tiny_dir, torch.float32)
+    notes = patch_model(cfg, m, "cpu")
+    assert any("fused_qlora are GPU levers; off on the CPU" in n for n in notes)
+    assert speed._FUSED["qlora"] is False
+    m = get_peft_model(m, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    layer = next(mod for mod in m.modules() if type(mod).__name__ == "Linear4bit" and hasattr(mod, "lora_A"))
+    assert type(layer).forward is not speed._fused_qlora_forward
+    assert speed.patch_trainer(cfg, type("T", (), {"model": m})(), "cpu") == []  # nothing compiled on the CPU
+    assert not any(getattr(mod, "_compiled_call_impl", None) for mod in m.modules())
+
+
+@pytest.mark.parametrize("save_weights", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_qlora_matches_peft_forward_and_gradients(tiny_dir, dropout, save_weights):
+    """The fused 4-bit + LoRA function is the same math as peft + bitsandbytes (fp32 on the CPU: to rounding)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuneship.train import speed
+
+    m = load_4bit(tiny_dir, torch.float32)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
+    m = get_peft_model(m, lora)
+    m.train()
+    x = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        m.zero_grad()
+        torch.manual_seed(5)  # the same dropout masks: one dropout call per layer on both paths
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    speed.disable_fused_lora()
+    speed.disable_fused_qlora()
+    fast = []
+    try:
+        l0, g0 = run()
+        assert speed.enable_fused_qlora(save_weights=save_weights)
+        orig = speed._qlora_fast
+        speed._qlora_fast = lambda self, x: fast.append(1) or orig(self, x)
+        try:
+            l1, g1 = run()
+            with torch.no_grad():  # generation and eval keep bitsandbytes' own path
+                n = len(fast)
+                m(input_ids=x)
+                assert len(fast) == n
+        finally:
+            speed._qlora_fast = orig
+    finally:
+        speed.disable_fused_qlora()
+    assert len(fast) == 2 * 7  # every 4-bit LoRA layer of the two decoder layers took the fused function
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_layers_only_on_a_gpu_outside_fsdp(monkeypatch):
+    from tuneship.train.plan import RecipeOptions
+    from tuneship.train.speed import compiling_layers
+
+    assert compiling_layers(SpeedConfig(), "cuda") is True  # and then patch_model leaves Liger out
+    assert compiling_layers(SpeedConfig(), "cpu") is False
+    assert compiling_layers(SpeedConfig(compile_layers=False), "cuda") is False
+    assert compiling_layers(SpeedConfig(enabled=False), "cuda") is False
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what tuneship.train.distributed sets for FSDP
+    assert compiling_layers(SpeedConfig(), "cuda") is False
+    # the planner counts the compiled layers' fused norm/SwiGLU/RoPE like Liger's
+    no_liger = dict(liger_rms_norm=False, liger_swiglu=False, liger_rope=False)
+    assert RecipeOptions.from_speed(SpeedConfig(**no_liger)).liger_swiglu is True
+    assert RecipeOptions.from_speed(SpeedConfig(compile_layers=False, **no_liger)).liger_swiglu is False
+
+
+def test_planner_counts_the_saved_weights_only_without_checkpointing():
+    from tuneship.train.plan import BUILTIN, RecipeOptions, predict_peak
+
+    shape = BUILTIN["qwen2.5-1.5b"]
+    for policy, extra in (("off", shape.linear_params() * 2), ("full", 0), ("selective", 0)):
+        plain = predict_peak(shape, 8, 1024, RecipeOptions(checkpointing=policy)).allocated
+        kept = predict_peak(shape, 8, 1024, RecipeOptions(checkpointing=policy, saved_weights=True)).allocated
+        assert kept - plain == pytest.approx(extra)
+    o = RecipeOptions.from_speed(SpeedConfig())
+    assert o.saved_weights is True
+    assert RecipeOptions.from_speed(SpeedConfig(fused_qlora=False)).saved_weights is False
+    assert RecipeOptions.from_speed(SpeedConfig(enabled=False)).saved_weights is False
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_levers_switch_on(tiny_dir):
     import torch
@@ -245,3 +363,56 @@ def test_on_a_gpu_auto_checkpointing_is_decided_after_loading_and_the_levers_app
         speed.disable_fused_lora()
         plain = m(input_ids=x, labels=x).loss.float()
     assert torch.isfinite(fused) and abs(fused.item() - plain.item()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fused_qlora_matches_peft(tiny_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tuneship.train import speed
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    m = AutoModelForCausalLM.from_pretrained(
+        tiny_dir, dtype=torch.bfloat16, quantization_config=q, device_map={"": 0}
+    )
+    m = get_peft_model(
+        m,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False
+        ),
+    )
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    m.train()
+    x = torch.randint(0, 1024, (2, 64), device="cuda")
+
+    def run():
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=x, labels=x).loss.float()
+        loss.backward()
+        return loss.item(), [p.grad.float().clone() for p in m.parameters() if p.requires_grad]
+
+    speed.disable_fused_lora()
+    speed.disable_fused_qlora()
+    l0, g0 = run()
+    try:
+        for save in (False, True):
+            speed.enable_fused_qlora(save_weights=save)
+            l1, g1 = run()
+            assert abs(l1 - l0) < 2e-2
+            for a, b in zip(g0, g1, strict=True):
+                assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    finally:
+        speed.disable_fused_qlora()

@@ -187,6 +187,8 @@ class RecipeOptions:
     )
     lora_fp32: bool = False  # TRL casts QLoRA adapters to bf16; the stock recipe keeps peft's fp32
     optim_bytes: float = 8.0  # fused AdamW: two fp32 states per parameter (8-bit Adam: 2.0)
+    # fused_qlora_save_weights: the dequantized base weights are kept from forward to backward
+    saved_weights: bool = False
     act_bytes: int = 2  # bf16 / fp16
 
     @classmethod
@@ -198,9 +200,13 @@ class RecipeOptions:
         return cls(
             checkpointing=ckpt if on else "full",
             upcast=not (on and speed.keep_bf16),
-            liger_rms_norm=on and speed.liger_rms_norm,
-            liger_swiglu=on and speed.liger_swiglu,
-            liger_rope=on and speed.liger_rope,
+            # compile_layers: inductor fuses these itself, and saves about what the Liger kernels save (measured)
+            liger_rms_norm=on and (speed.liger_rms_norm or getattr(speed, "compile_layers", False)),
+            liger_swiglu=on and (speed.liger_swiglu or getattr(speed, "compile_layers", False)),
+            liger_rope=on and (speed.liger_rope or getattr(speed, "compile_layers", False)),
+            saved_weights=on
+            and bool(getattr(speed, "fused_qlora", False))
+            and bool(getattr(speed, "fused_qlora_save_weights", False)),
             **({"optim_bytes": 8.0 if on and getattr(speed, "fused_optimizer", False) else 2.0} | kw),
         )
 
@@ -292,7 +298,10 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, o: RecipeOptions) 
         saved = shape.layers * resid + per_layer
     # gradient of the hidden states flowing back (two live buffers) and the embedding output
     flow = 3 * shape.hidden * (4 if o.upcast else a)
-    return tokens * (saved + flow + attn_scores)
+    # fused_qlora_save_weights without checkpointing: every layer's dequantized weights wait for backward (with
+    # checkpointing, only the recomputed layer's; the speed lever keeps them only then)
+    kept = shape.linear_params() * a if o.saved_weights and o.load_in_4bit and o.checkpointing == "off" else 0
+    return tokens * (saved + flow + attn_scores) + kept
 
 
 def loss_bytes(shape: ModelShape, batch: int, seq: int, o: RecipeOptions) -> float:

@@ -17,6 +17,11 @@ What each lever does, in short:
   memory planner (`tuneship plan`) whether they fit on this card.
 - TRL's SFTTrainer already computes the loss through its fused, chunked LM head (the full logits are never
   materialized); the benchmark measures that against the stock full-logits loss.
+- fused_qlora: at batch 8 x 1024 the step was bound by the host CPU (Python and autograd over 196 LoRA-wrapped
+  4-bit layers). `QLoRALinearFn` makes each such layer one autograd node (dequantize, x W^T, the LoRA branch by
+  addmm; backward in a few matmuls), and fused_qlora_save_weights keeps the dequantized weight for backward.
+- compile_layers: torch.compile per decoder layer (patch_trainer, once LoRA is attached); the fused layer traces
+  into the graph. Liger's kernels are left out then: inductor fuses those ops itself, and faster.
 """
 
 from __future__ import annotations
@@ -77,6 +82,24 @@ class SpeedConfig(StageConfig):
         description="On a GPU, add each 4-bit layer's LoRA branch with one addmm (scale and add fused into the matmul) "
         "instead of peft's clone + multiply + add over the layer's whole output.",
     )
+    fused_qlora: bool = Field(
+        True,
+        description="On a GPU, run each 4-bit LoRA layer in training as one autograd function (dequantize the NF4 weight, "
+        "x W^T, the LoRA branch fused by addmm; backward in a few matmuls) instead of ~6 autograd nodes: less Python per "
+        "step. The LoRA weights stay peft's parameters; generation and eval keep bitsandbytes' own path.",
+    )
+    fused_qlora_save_weights: bool = Field(
+        True,
+        description="With fused_qlora: keep each layer's dequantized weight from forward for backward instead of "
+        "dequantizing it again (one kernel and its Python call less per layer; without checkpointing it costs 2 bytes "
+        "per base weight, ~2.5 GiB on a 1.5B model, which checkpointing=auto plans for; off with selective checkpointing).",
+    )
+    compile_layers: bool = Field(
+        True,
+        description="torch.compile each decoder layer (regional compile: the identical layers share one graph, "
+        "~15 s at the first step), after LoRA is attached. Inductor then fuses RMSNorm, SwiGLU and RoPE itself, so "
+        "the Liger kernels are not applied (measured slower inside compiled layers). GPU only; off under FSDP.",
+    )
     lora_fp32: bool = Field(
         False,
         description="Keep the LoRA weights in fp32 (computed in bf16 under autocast) instead of TRL's bf16 cast; "
@@ -88,6 +111,13 @@ class SpeedConfig(StageConfig):
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def _fsdp() -> bool:
+    """FSDP-QLoRA in this process (tuneship.train.distributed.apply sets this before the model is loaded)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 def resolve_attention(cfg: SpeedConfig, device: str) -> str:
@@ -196,6 +226,8 @@ def apply_speed(
             notes.append(
                 f"speed: optimizer {optim} -> adamw_torch_fused (one fused kernel for all LoRA tensors)"
             )
+    if cfg.compile_layers and device != "cuda":
+        notes.append("speed: compile_layers is off on the CPU")
     if cfg.torch_compile:
         if device != "cuda":
             notes.append("speed: torch_compile is off on the CPU")
@@ -263,43 +295,271 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 
 _PEFT_FORWARD: list = []
 _VARIANT_KEYS: list[str] = []
+# which of our forwards peft's Linear4bit runs: the fused LoRA add, the fused 4-bit + LoRA function, both or none
+_FUSED: dict = {"lora": False, "qlora": False, "save_weights": False}
+
+
+def _peft_bnb_class():
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    cls = getattr(peft_bnb, "Linear4bit", None)
+    if cls is not None and not _PEFT_FORWARD:
+        _PEFT_FORWARD.append(cls.forward)
+        _VARIANT_KEYS.extend(getattr(peft_bnb, "VARIANT_KWARG_KEYS", ()))
+    return cls
+
+
+def _install_forward() -> None:
+    cls = _peft_bnb_class()
+    if cls is None:
+        return
+    if _FUSED["qlora"]:
+        cls.forward = _fused_qlora_forward
+    elif _FUSED["lora"]:
+        cls.forward = _fused_lora_forward
+    elif _PEFT_FORWARD:
+        cls.forward = _PEFT_FORWARD[0]
 
 
 def enable_fused_lora() -> bool:
     """Route peft's 4-bit LoRA layers through `_fused_lora_forward` (class-level, idempotent). False if unavailable."""
-    try:
-        from peft.tuners.lora import bnb as peft_bnb
-    except ImportError:
+    if _peft_bnb_class() is None:
         return False
-    cls = getattr(peft_bnb, "Linear4bit", None)
-    if cls is None:
-        return False
-    if not _PEFT_FORWARD:
-        _PEFT_FORWARD.append(cls.forward)
-        _VARIANT_KEYS.extend(getattr(peft_bnb, "VARIANT_KWARG_KEYS", ()))
-    cls.forward = _fused_lora_forward
+    _FUSED["lora"] = True
+    _install_forward()
     return True
 
 
 def disable_fused_lora() -> None:
-    if _PEFT_FORWARD:
-        from peft.tuners.lora import bnb as peft_bnb
+    _FUSED["lora"] = False
+    _install_forward()
 
-        peft_bnb.Linear4bit.forward = _PEFT_FORWARD[0]
+
+def enable_fused_qlora(save_weights: bool = False) -> bool:
+    """Route peft's 4-bit LoRA layers, in training, through `QLoRALinearFn` (class-level, idempotent).
+    False if peft's bitsandbytes layer is unavailable."""
+    if _peft_bnb_class() is None:
+        return False
+    _FUSED["qlora"] = True
+    _FUSED["save_weights"] = bool(save_weights)
+    _install_forward()
+    return True
+
+
+def disable_fused_qlora() -> None:
+    _FUSED["qlora"] = False
+    _install_forward()
+
+
+def _packed_and_absmax(weight, qs):
+    """The packed 4-bit weight as a plain tensor and its block scales in fp32, with the double quantization undone
+    once. Cached on the quant state (a few MB a layer instead of two kernels per dequantization); the plain tensor
+    also keeps bitsandbytes' Params4bit subclass out of compiled graphs."""
+    import torch
+
+    cached = getattr(qs, "_tuneship_cache", None)
+    if torch.compiler.is_compiling():  # compile_layers primed the cache eagerly; without it, peft's own path
+        return (cached[1], cached[2]) if cached is not None else None
+    if cached is not None and cached[0] is weight and cached[1].data_ptr() == weight.data_ptr():
+        return cached[1], cached[2]
+    if qs.nested:
+        from bitsandbytes import functional as bnb_f
+
+        absmax = (bnb_f.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+    else:
+        absmax = qs.absmax.float()
+    packed = weight.data
+    qs._tuneship_cache = (weight, packed, absmax)
+    return packed, absmax
+
+
+def prime_fused_qlora(model) -> int:
+    """Fill the per-layer caches of `_packed_and_absmax` eagerly (before torch.compile traces the layers)."""
+    n = 0
+    for mod in model.modules():
+        weight = getattr(getattr(mod, "base_layer", None), "weight", None)
+        qs = getattr(weight, "quant_state", None)
+        if qs is not None and hasattr(mod, "lora_A"):
+            _packed_and_absmax(weight, qs)
+            n += 1
+    return n
+
+
+def _qlora_fn():
+    """`QLoRALinearFn`, built on first use (torch is imported lazily in this module)."""
+    if _QLORA_FN:
+        return _QLORA_FN[0]
+    import torch
+
+    class QLoRALinearFn(torch.autograd.Function):
+        """y = x W^T (+ bias) + scaling * (dropout(x) A^T) B^T for a frozen NF4 weight W, as one autograd node.
+
+        Inputs: x [..., in] in the compute dtype; xd = dropout(x), or None when there is no dropout; the LoRA
+        weights A [r, in] and B [out, r] in the compute dtype; the packed 4-bit weight with its fp32 block scales.
+        Backward: dB = s g^T a, dA = s (g B)^T xd, dx = g W (+ s (g B) A), with W dequantized again (or saved)."""
+
+        @staticmethod
+        def forward(ctx, x, xd, lora_a, lora_b, packed, absmax, bias, meta, scaling, save_weights):
+            blocksize, quant_type, shape = meta
+            w = torch.ops.bitsandbytes.dequantize_4bit.default(
+                packed, absmax, blocksize, quant_type, shape, x.dtype
+            )
+            x2 = x.reshape(-1, x.shape[-1])
+            xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+            a = torch.mm(xd2, lora_a.t())
+            y.addmm_(a, lora_b.t(), alpha=scaling)
+            ctx.meta, ctx.scaling, ctx.save_weights = meta, scaling, save_weights
+            ctx.has_xd = xd is not None
+            ctx.x_shape = x.shape
+            if save_weights:
+                ctx.save_for_backward(xd2, a, lora_a, lora_b, w, None)
+            else:
+                ctx.save_for_backward(xd2, a, lora_a, lora_b, packed, absmax)
+            return y.view(*x.shape[:-1], shape[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            xd2, a, lora_a, lora_b, w_or_packed, absmax = ctx.saved_tensors
+            need_x, need_xd, need_a, need_b = ctx.needs_input_grad[:4]
+            s = ctx.scaling
+            g2 = g.reshape(-1, g.shape[-1])
+            if g2.dtype != a.dtype:
+                g2 = g2.to(a.dtype)
+            ga = torch.mm(g2, lora_b).mul_(s)  # [N, r]: the gradient at the LoRA bottleneck
+            grad_a = torch.mm(ga.t(), xd2) if need_a else None
+            grad_b = torch.mm(g2.t(), a).mul_(s) if need_b else None
+            grad_x = grad_xd = None
+            if need_x:
+                if ctx.save_weights:
+                    w = w_or_packed
+                else:
+                    blocksize, quant_type, shape = ctx.meta
+                    w = torch.ops.bitsandbytes.dequantize_4bit.default(
+                        w_or_packed, absmax, blocksize, quant_type, shape, g2.dtype
+                    )
+                grad_x = torch.mm(g2, w)
+                if not ctx.has_xd:
+                    grad_x.addmm_(ga, lora_a)
+                grad_x = grad_x.view(ctx.x_shape)
+            if ctx.has_xd and need_xd:
+                grad_xd = torch.mm(ga, lora_a).view(ctx.x_shape)
+            return grad_x, grad_xd, grad_a, grad_b, None, None, None, None, None, None
+
+    _QLORA_FN.append(QLoRALinearFn)
+    return QLoRALinearFn
+
+
+_QLORA_FN: list = []
+
+
+def _fused_qlora_forward(self, x, *args, **kwargs):
+    """peft's 4-bit LoRA forward as one `QLoRALinearFn` node, in training (grad enabled) for plain LoRA.
+    Anything else (no grad, several or disabled adapters, DoRA and other variants, trainable biases, a weight
+    without its quant state) takes the fused LoRA add or peft's own forward."""
+    import torch
+
+    out = None
+    if not (args or kwargs or self.disable_adapters or self.merged) and torch.is_grad_enabled():
+        out = _qlora_fast(self, x)
+    if out is not None:
+        return out
+    if _FUSED["lora"]:
+        return _fused_lora_forward(self, x, *args, **kwargs)
+    return _PEFT_FORWARD[0](self, x, *args, **kwargs)
+
+
+def _qlora_fast(self, x):
+    import torch
+
+    active = self.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
+        return None
+    base = self.base_layer
+    weight = base.weight
+    qs = getattr(weight, "quant_state", None)
+    if qs is None or len(qs.shape) != 2:  # only bitsandbytes' Params4bit carries a quant_state
+        return None
+    bias = base.bias
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if (bias is not None and bias.requires_grad) or getattr(self.lora_B[name], "bias", None) is not None:
+        return None
+    dtype = base.compute_dtype or x.dtype
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        if torch.get_autocast_dtype(dev) != dtype:
+            return None
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)  # what autocast does for the LoRA linears
+    elif not (lora_a.dtype == lora_b.dtype == dtype):
+        return None
+    inp_dtype = x.dtype
+    xc = x.to(dtype)
+    dropout = self.lora_dropout[name]
+    cache = _packed_and_absmax(weight, qs)
+    if cache is None:
+        return None
+    packed, absmax = cache
+    xd = dropout(xc)
+    y = _qlora_fn().apply(
+        xc,
+        None if xd is xc else xd,
+        lora_a,
+        lora_b,
+        packed,
+        absmax,
+        bias,
+        (qs.blocksize, qs.quant_type, tuple(qs.shape)),
+        float(self.scaling[name]),
+        _FUSED["save_weights"],
+    )
+    return y if y.dtype == inp_dtype else y.to(inp_dtype)
+
+
+def compiling_layers(cfg: SpeedConfig, device: str) -> bool:
+    """Whether patch_trainer will compile the decoder layers (so patch_model leaves Liger out)."""
+    return cfg.enabled and cfg.compile_layers and device == "cuda" and not _fsdp()
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (`Module.compile`: parameter names and state dicts unchanged).
+    Returns how many were compiled."""
+    if _FUSED["qlora"]:
+        prime_fused_qlora(model)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def patch_trainer(cfg: SpeedConfig, trainer, device: str) -> list[str]:
-    """Levers that need the built SFTTrainer (call before `trainer.train()`): fp32 LoRA weights."""
+    """Levers that need the built SFTTrainer, with LoRA attached (call before `trainer.train()`): fp32 LoRA weights,
+    the regional compile of the decoder layers."""
     import torch
 
-    if not (cfg.enabled and cfg.lora_fp32 and device == "cuda"):
-        return []
-    n = 0
-    for p in trainer.model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-            n += 1
-    return [f"speed: {n} LoRA tensors kept in fp32 (computed in bf16 under autocast)"] if n else []
+    notes: list[str] = []
+    if not cfg.enabled:
+        return notes
+    if device != "cuda":  # apply_speed noted compile_layers being off on the CPU
+        return notes
+    if cfg.lora_fp32:
+        n = 0
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+                n += 1
+        if n:
+            notes.append(f"speed: {n} LoRA tensors kept in fp32 (computed in bf16 under autocast)")
+    if cfg.compile_layers and _fsdp():
+        notes.append("speed: compile_layers is off under FSDP (not measured there)")
+    elif cfg.compile_layers:
+        n = compile_layers(trainer.model)
+        notes.append(f"speed: torch.compile on each of {n} decoder layers (compiled at the first steps)")
+    return notes
 
 
 def patch_model(cfg: SpeedConfig, model, device: str, compute_dtype=None) -> list[str]:
@@ -309,6 +569,8 @@ def patch_model(cfg: SpeedConfig, model, device: str, compute_dtype=None) -> lis
 
     notes: list[str] = []
     if not cfg.enabled:
+        disable_fused_lora()
+        disable_fused_qlora()
         return notes
     policy = cfg._resolved.get("checkpointing")
     if policy == "deferred":
@@ -333,10 +595,12 @@ def patch_model(cfg: SpeedConfig, model, device: str, compute_dtype=None) -> lis
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device != "cuda":
-        if cfg.fused_lora:
-            disable_fused_lora()
+        disable_fused_lora()
+        disable_fused_qlora()
         if cfg.keep_bf16 or cfg.liger_rms_norm or cfg.liger_swiglu or cfg.liger_rope:
             notes.append("speed: keep_bf16 and the Liger kernels are GPU levers; off on the CPU")
+        if cfg.fused_lora or cfg.fused_qlora:
+            notes.append("speed: fused_lora and fused_qlora are GPU levers; off on the CPU")
         return notes
     if cfg.keep_bf16:
         dtype = compute_dtype or getattr(getattr(model, "config", None), "dtype", None) or torch.bfloat16
@@ -354,8 +618,27 @@ def patch_model(cfg: SpeedConfig, model, device: str, compute_dtype=None) -> lis
             notes.append("speed: fused LoRA add (one addmm per 4-bit layer)")
     else:
         disable_fused_lora()
+    if cfg.fused_qlora:
+        if not _has("bitsandbytes"):
+            notes.append("speed: fused_qlora is off: bitsandbytes is not installed")
+        elif _fsdp():
+            disable_fused_qlora()
+            notes.append("speed: fused_qlora is off under FSDP (its flat parameters drop the 4-bit metadata)")
+        else:
+            save = cfg.fused_qlora_save_weights and policy != "selective"
+            if cfg.fused_qlora_save_weights and not save:
+                notes.append("speed: fused_qlora_save_weights is off with selective checkpointing")
+            enable_fused_qlora(save)
+            keep = ", dequantized weights kept for backward" if save else ""
+            notes.append(f"speed: fused 4-bit + LoRA layers (one autograd node per layer in training{keep})")
+    else:
+        disable_fused_qlora()
     liger = _liger_kwargs(cfg)
-    if any(liger.values()):
+    if any(liger.values()) and compiling_layers(cfg, device):
+        notes.append(
+            "speed: Liger kernels not applied: compile_layers fuses RMSNorm, SwiGLU and RoPE inside the compiled layers"
+        )
+    elif any(liger.values()):
         if not _has("liger_kernel"):
             notes.append("speed: liger-kernel is not installed; Liger kernels off (pip install liger-kernel)")
         else:
