@@ -291,6 +291,33 @@ def test_compile_layers_only_on_a_gpu_outside_fsdp(monkeypatch):
     assert RecipeOptions.from_speed(SpeedConfig(compile_layers=False, **no_liger)).liger_swiglu is False
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_under_fsdp_lora_weights_become_fp32_before_wrapping(monkeypatch, enabled):
+    """Seen on an H100: accelerate upcasts FSDP's flat LoRA parameters to fp32 after wrapping while FSDP casts
+    their gradients to the dtype it wrapped, and AdamW refuses the mix. So under FSDP (even with speed off) the
+    trainable weights are fp32 before the Trainer wraps them; frozen ones keep their dtype; nothing compiles."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tuneship.train.speed import patch_trainer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16)
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    trainer = SimpleNamespace(model=model)
+    cfg = SpeedConfig(enabled=enabled)
+    if not enabled:  # outside FSDP, speed off: the stock recipe, untouched
+        assert patch_trainer(cfg, trainer, "cuda") == [] and model[1].weight.dtype == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    notes = patch_trainer(cfg, trainer, "cuda")
+    assert model[1].weight.dtype == model[1].bias.dtype == torch.float32
+    assert model[0].weight.dtype == torch.bfloat16  # frozen: untouched
+    assert any("2 LoRA tensors kept in fp32 (FSDP" in n for n in notes)
+    assert not any("torch.compile on" in n for n in notes)
+    assert patch_trainer(cfg, trainer, "cpu") == []  # FSDP needs CUDA; the CPU path is left alone
+
+
 def test_planner_counts_the_saved_weights_only_without_checkpointing():
     from tuneship.train.plan import BUILTIN, RecipeOptions, predict_peak
 

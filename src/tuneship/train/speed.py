@@ -542,18 +542,24 @@ def patch_trainer(cfg: SpeedConfig, trainer, device: str) -> list[str]:
     import torch
 
     notes: list[str] = []
-    if not cfg.enabled:
-        return notes
     if device != "cuda":  # apply_speed noted compile_layers being off on the CPU
         return notes
-    if cfg.lora_fp32:
+    if not cfg.enabled and not _fsdp():
+        return notes
+    if cfg.lora_fp32 or _fsdp():
+        # Under FSDP this is required: accelerate upcasts the flat LoRA parameters to fp32 after wrapping, while
+        # FSDP still casts their gradients to the dtype it wrapped (bf16), and AdamW refuses the mix (seen on an
+        # H100). fp32 before wrapping keeps parameters and gradients in one dtype; compute stays bf16.
         n = 0
         for p in trainer.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
                 n += 1
         if n:
-            notes.append(f"speed: {n} LoRA tensors kept in fp32 (computed in bf16 under autocast)")
+            why = " (FSDP: one dtype for parameters and gradients)" if _fsdp() else ""
+            notes.append(f"speed: {n} LoRA tensors kept in fp32{why}, computed in bf16")
+    if not cfg.enabled:
+        return notes
     if cfg.compile_layers and _fsdp():
         notes.append("speed: compile_layers is off under FSDP (not measured there)")
     elif cfg.compile_layers:
@@ -613,7 +619,13 @@ def patch_model(cfg: SpeedConfig, model, device: str, compute_dtype=None) -> lis
             notes.append(
                 f"speed: kept {n} non-quantized base weights in {str(dtype).removeprefix('torch.')} (no fp32 upcast)"
             )
-    if cfg.fused_lora:
+    if cfg.fused_lora and _fsdp():
+        # seen on an H100: FSDP1's flat parameters make lora_B.weight a view that the in-place addmm may not touch
+        disable_fused_lora()
+        notes.append(
+            "speed: fused_lora is off under FSDP (its in-place add conflicts with FSDP's parameter views)"
+        )
+    elif cfg.fused_lora:
         if enable_fused_lora():
             notes.append("speed: fused LoRA add (one addmm per 4-bit layer)")
     else:
