@@ -151,3 +151,15 @@ def port_closed(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) != 0
+
+
+@pytest.fixture
+def stubs():
+    """Two real upstreams (tuneship.serve.stub), one per version; each names itself NAME-vN like a llama.cpp
+    backend would. Their behaviour is set per test through `servers[v].app.state.stub`."""
+    from tuneship.serve.stub import ServerThread, stub_app
+
+    servers = {v: ServerThread(stub_app(model=f"{NAME}-{v}")).start() for v in ("v1", "v2")}
+    yield servers
+    for s in servers.values():
+        s.stop()

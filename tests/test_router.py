@@ -20,20 +20,10 @@ from tuneship import registry as reg
 from tuneship.serve.hashing import pick_random, pick_sticky
 from tuneship.serve.router import Backend, RouterConfig
 from tuneship.serve.routes import RegistryRouteSource, StaticRouteSource
-from tuneship.serve.stub import ServerThread, stub_app
 from tuneship.serve.watcher import WatcherConfig
 
 USERS = [f"user-{i}" for i in range(100)]
 MSG = [{"role": "user", "content": "Senior Engineer at Acme in Berlin, remote"}]
-
-
-@pytest.fixture
-def stubs():
-    """Two real upstreams, one per version; each names itself NAME-vN like a llama.cpp backend would."""
-    servers = {v: ServerThread(stub_app(model=f"{NAME}-{v}")).start() for v in ("v1", "v2")}
-    yield servers
-    for s in servers.values():
-        s.stop()
 
 
 def backends_of(servers) -> dict:

@@ -23,17 +23,8 @@ from tests.fixtures_serve import NAME, make_registry, port_closed
 from tuneship import registry as reg
 from tuneship.serve.hashing import pick_sticky
 from tuneship.serve.launch import free_port
-from tuneship.serve.stub import ServerThread, stub_app
 
 MSG = [{"role": "user", "content": "Senior Engineer at Acme in Berlin, remote"}]
-
-
-@pytest.fixture
-def stubs():
-    servers = {v: ServerThread(stub_app(model=f"{NAME}-{v}")).start() for v in ("v1", "v2")}
-    yield servers
-    for s in servers.values():
-        s.stop()
 
 
 class Workers:
