@@ -318,6 +318,42 @@ def test_under_fsdp_lora_weights_become_fp32_before_wrapping(monkeypatch, enable
     assert patch_trainer(cfg, trainer, "cpu") == []  # FSDP needs CUDA; the CPU path is left alone
 
 
+def test_compiled_layers_get_aligned_padding_and_one_graph_per_shape(tiny_dir, monkeypatch):
+    """Seen on an H100 with variable-length rows: a new length recompiled the layers when it broke inductor's
+    multiple-of-8 alignment guard, and layer 0 (whose input, the frozen embedding's output, needed no grad)
+    compiled a second graph per shape. So: batches padded to a multiple of 8, and the embedding output requires
+    grad, whenever the layers are compiled."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneship.train.speed import patch_trainer
+
+    def padded(**kw) -> object:
+        sft = sft_defaults()
+        notes = apply_speed(SpeedConfig(checkpointing="off", **kw), "cuda", {}, sft)
+        return sft.get("pad_to_multiple_of"), notes
+
+    multiple, notes = padded()
+    assert multiple == 8 and any("multiple of 8" in n for n in notes)
+    assert padded(compile_layers=False)[0] is None
+    assert padded(enabled=False)[0] is None
+    import torch
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    x = torch.randint(0, 64, (1, 8))
+    assert not m.get_input_embeddings()(x).requires_grad
+    notes = patch_trainer(SpeedConfig(), SimpleNamespace(model=m), "cuda")
+    assert any("torch.compile on each of" in n for n in notes)
+    assert m.get_input_embeddings()(x).requires_grad
+    layers = [mod for mod in m.modules() if type(mod).__name__.endswith("DecoderLayer")]
+    assert layers and all(mod._compiled_call_impl is not None for mod in layers)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert padded()[0] is None  # nothing is compiled under FSDP
+
+
 def test_planner_counts_the_saved_weights_only_without_checkpointing():
     from tuneship.train.plan import BUILTIN, RecipeOptions, predict_peak
 
