@@ -163,3 +163,26 @@ def stubs():
     yield servers
     for s in servers.values():
         s.stop()
+
+
+def read_summary(proc, timeout: float) -> dict:
+    """The JSON summary `tuneship serve --json` prints once everything is ready (a multi-line object). On a
+    timeout the process is killed and its stderr's tail is the failure message."""
+    import json
+    import threading
+
+    lines: list[str] = []
+    done = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                done.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(timeout):
+        proc.kill()
+        raise AssertionError(f"serve did not get ready: {proc.stderr.read()[-2000:]}")
+    return json.loads("".join(lines))

@@ -8,7 +8,6 @@ file, v2 a "pure" Q4_K_M of it (no Q6_K mix). Each version runs in its own llama
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures_serve import NAME, port_closed
+from tests.fixtures_serve import NAME, port_closed, read_summary
 from tuneship import registry as reg
 from tuneship.serve.hashing import pick_sticky
 from tuneship.serve.launch import Supervisor
@@ -199,7 +198,7 @@ def test_tuneship_serve_name_runs_backends_and_router_and_stops_cleanly(serve_re
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
     )
     try:
-        summary = json.loads(_read_json(proc, timeout=120))
+        summary = read_summary(proc, timeout=120)
         assert summary["status"] == "serving" and summary["url"] == f"http://127.0.0.1:{port}"
         backend_ports = [
             int(p["url"].rsplit(":", 1)[1]) for p in summary["processes"] if p["role"] == "backend"
@@ -244,7 +243,7 @@ def test_tuneship_serve_gguf_answers_over_http(serve_ggufs, tmp_path):
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        summary = json.loads(_read_json(proc, timeout=90))
+        summary = read_summary(proc, timeout=90)
         client = openai.OpenAI(base_url=summary["base_url"], api_key="none", max_retries=0)
         answer = client.chat.completions.create(
             model=summary["model"], messages=MSG, max_tokens=4, temperature=0
@@ -256,22 +255,3 @@ def test_tuneship_serve_gguf_answers_over_http(serve_ggufs, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _read_json(proc: subprocess.Popen, timeout: float) -> str:
-    """The JSON summary `serve --json` prints once everything is ready (a multi-line object)."""
-    lines: list[str] = []
-    done = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.rstrip() == "}":
-                done.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not done.wait(timeout):
-        proc.kill()
-        raise AssertionError(f"serve did not get ready: {proc.stderr.read()[-2000:]}")
-    return "".join(lines)

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures_serve import NAME, QUANT, port_closed
+from tests.fixtures_serve import NAME, QUANT, port_closed, read_summary
 from tuneship import registry as reg
 from tuneship.serve.hashing import pick_sticky
 
@@ -45,22 +45,6 @@ def wait_for(what: str, cond, timeout: float) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-def read_summary(proc: subprocess.Popen, timeout: float) -> dict:
-    lines: list[str] = []
-    done = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.rstrip() == "}":
-                done.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    assert done.wait(timeout), "serve did not get ready"
-    return json.loads("".join(lines))
 
 
 def test_version_added_while_serving_gets_a_backend_then_traffic(adapter_dir, serve_ggufs, tmp_path):

@@ -162,50 +162,24 @@ def test_missing_data_file(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_rows_name_the_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"input": "a posting", "output": {"title": "x"}}\n{"input": "no output here"}\n', "output"),
+        ('{"input": "a", "output": "b"}\nthis is not json\n', "not valid JSON"),
+    ],
+    ids=["row-without-output", "not-json"],
+)
+def test_bad_rows_name_the_line(text, message, tmp_path, capsys):
     bad = tmp_path / "train.jsonl"
-    bad.write_text('{"input": "a posting", "output": {"title": "x"}}\n{"input": "no output here"}\n')
-    rc = main(
-        [
-            "train",
-            "--config",
-            "configs/demo.yaml",
-            "--set",
-            f"data.train={bad}",
-            "--set",
-            "data.valid=null",
-            "--set",
-            "data.system_prompt_file=null",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    bad.write_text(text)
+    sets = {"data.train": bad, "data.valid": "null", "data.system_prompt_file": "null"}
+    argv = ["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "o")]
+    rc = main(argv + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2:" in err and "output" in err
+    assert f"{bad}:2:" in err and message in err
     assert not (tmp_path / "o").exists()
-
-
-def test_not_json_names_the_line(tmp_path, capsys):
-    bad = tmp_path / "train.jsonl"
-    bad.write_text('{"input": "a", "output": "b"}\nthis is not json\n')
-    rc = main(
-        [
-            "train",
-            "--config",
-            "configs/demo.yaml",
-            "--set",
-            f"data.train={bad}",
-            "--set",
-            "data.valid=null",
-            "--set",
-            "data.system_prompt_file=null",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
-    assert rc == 2
-    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
 
 
 def test_existing_output_refused(tmp_path, capsys):
