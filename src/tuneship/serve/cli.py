@@ -74,7 +74,7 @@ API_KEY_ENV = "TUNESHIP_API_KEY"
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Router processes sharing --port (SO_REUSEPORT). One process tops out at one core (~4,500 req/s "
+    help="Router processes sharing --port (SO_REUSEPORT). One process tops out at one core (~6,000-7,000 req/s "
     "on the 2-core test VM); give more where the router has cores of its own.",
 )
 @click.option("--no-watcher", is_flag=True, help="Turn automatic rollback off.")

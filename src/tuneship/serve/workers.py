@@ -1,6 +1,6 @@
 """Several router processes on one port (`python -m tuneship.serve.router --workers N`).
 
-One Python process tops out at one core (about 4,500 req/s against a fast upstream on the 2-core machine,
+One Python process tops out at one core (6,000 to 7,000 req/s against a fast upstream on the 2-core machine,
 bench/router_overhead.py); past that, requests queue in it. With N workers:
 - **Sockets.** The parent binds N listening sockets to HOST:PORT with SO_REUSEPORT, so the kernel spreads new
   connections over them, and hands one to each worker. The parent keeps its copies: a worker that dies is
